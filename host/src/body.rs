@@ -1,0 +1,82 @@
+//! The body of every response the host sends.
+//!
+//! One concrete type (no boxing) for host answers, complete app bodies and
+//! streamed app bodies. It carries the request's [`InFlight`] guard, so a
+//! request counts as in flight until hyper drops its body: after the last
+//! byte is written, or when the connection fails.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use crate::connection::InFlight;
+use crate::ffi::AppStream;
+use crate::generation::Generation;
+
+/// Why a streamed body was cut short.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyAborted {
+    #[error("the app's response stream failed")]
+    StreamFailed,
+    #[error("the generation was retired before the stream ended")]
+    Retired,
+}
+
+pub struct ResponseBody {
+    kind: Kind,
+    _in_flight: Option<InFlight>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Stream { stream: AppStream, retired: Pin<Box<dyn Future<Output = ()> + Send>> },
+}
+
+impl ResponseBody {
+    /// A complete body.
+    pub fn full(bytes: Bytes, in_flight: Option<InFlight>) -> ResponseBody {
+        let bytes = (!bytes.is_empty()).then_some(bytes);
+        ResponseBody { kind: Kind::Full(bytes), _in_flight: in_flight }
+    }
+
+    /// A body streamed from the app, cut short if `generation` is retired
+    /// before it ends.
+    pub fn stream(stream: AppStream, generation: Arc<Generation>, in_flight: InFlight) -> ResponseBody {
+        let retired = Box::pin(async move { generation.cancelled().await });
+        ResponseBody { kind: Kind::Stream { stream, retired }, _in_flight: Some(in_flight) }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyAborted;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        match &mut self.get_mut().kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream { stream, retired } => {
+                if retired.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(BodyAborted::Retired)));
+                }
+                stream
+                    .poll_chunk(cx)
+                    .map(|chunk| chunk.map(|c| c.map(Frame::data).map_err(|_| BodyAborted::StreamFailed)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, Kind::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream { .. } => SizeHint::default(),
+        }
+    }
+}

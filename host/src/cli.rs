@@ -1,0 +1,286 @@
+//! Command-line interface of `pounce-host`.
+//!
+//! Every serve setting is an `Option` so that [`crate::config`] can tell "not
+//! given" from "given the default value" and layer the sources: flag, then
+//! environment variable (clap's own precedence), then config file, then the
+//! built-in default. Values are only parsed here; range checks live in
+//! [`crate::config`] so that they apply to config file values too.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{parse_app_arg, parse_duration, parse_size, LogFormat};
+
+/// Serve web apps compiled as cdylib plugins over HTTP, and swap in new app
+/// code while serving.
+#[derive(Debug, Parser)]
+#[command(name = "pounce-host", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+// Parsed once at startup, so the size of `Serve` does not matter, and boxing
+// it would only make every match on `Command` noisier.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve an app library over HTTP.
+    ///
+    /// Each setting comes from its flag, else its POUNCE_* environment
+    /// variable, else the --config file, else the built-in default.
+    Serve(ServeArgs),
+    /// Load an app library, verify its ABI, run its init and shutdown, print
+    /// what was found; exit 0 if it would serve.
+    ///
+    /// Deploy pipelines run it before a reload.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The app's cdylib (.so) to serve.
+    #[arg(env = "POUNCE_LIBRARY", value_name = "LIBRARY")]
+    pub library: PathBuf,
+
+    /// TOML file with settings named like these flags, with `_` for `-`
+    /// (e.g. `reload_timeout = "45s"`), plus an `[app]` table of settings for
+    /// the app. Flags and environment variables override it. Default: none.
+    #[arg(long, env = "POUNCE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// IP address to listen on; 0.0.0.0 or :: listen on all interfaces.
+    /// Default: 127.0.0.1.
+    #[arg(long, env = "POUNCE_HOST", value_name = "ADDR")]
+    pub host: Option<IpAddr>,
+
+    /// TCP port to listen on; 0 picks a free port. Default: 8000.
+    #[arg(long, env = "POUNCE_PORT", value_name = "PORT")]
+    pub port: Option<u16>,
+
+    /// Worker threads of the async runtime, from 1 to 1024. Default: the
+    /// number of available CPUs.
+    #[arg(long, env = "POUNCE_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Length of the queue of connections not yet accepted; the kernel may
+    /// cap it (net.core.somaxconn). Default: 2048.
+    #[arg(long, env = "POUNCE_BACKLOG", value_name = "N")]
+    pub backlog: Option<u32>,
+
+    /// Longest time a reload may take before it is given up and the running
+    /// app keeps serving. Default: 30s.
+    #[arg(long, env = "POUNCE_RELOAD_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub reload_timeout: Option<Duration>,
+
+    /// Longest time to wait for in-flight requests on shutdown before their
+    /// connections are closed. Default: 10s.
+    #[arg(long, env = "POUNCE_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+
+    /// Longest time the app may take to answer one request. Default: 30s.
+    #[arg(long, env = "POUNCE_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
+
+    /// How long an idle keep-alive connection waits for its next request
+    /// before it is closed. Default: 5s.
+    #[arg(long, env = "POUNCE_KEEP_ALIVE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub keep_alive_timeout: Option<Duration>,
+
+    /// Longest time a client may take to send a request's headers, so that
+    /// silent connections cannot hold a shutdown forever. Default: 10s.
+    #[arg(long, env = "POUNCE_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub header_timeout: Option<Duration>,
+
+    /// Largest request body accepted, e.g. 512KiB, 4MiB or 1MB.
+    /// Default: 1MiB.
+    #[arg(long, env = "POUNCE_MAX_BODY_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub max_body_size: Option<u64>,
+
+    /// Largest request head (request line and headers) accepted, from 8KiB
+    /// (hyper's smallest read buffer) to 16MiB. Default: 64KiB.
+    #[arg(long, env = "POUNCE_MAX_HEADER_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub max_header_size: Option<u64>,
+
+    /// Path of the built-in health endpoint, or `off` to disable it.
+    /// Default: /health.
+    #[arg(long, env = "POUNCE_HEALTH_PATH", value_name = "PATH")]
+    pub health_path: Option<String>,
+
+    /// Log output: human-readable text, or one JSON object per line.
+    /// Default: text.
+    #[arg(long, env = "POUNCE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Which log events to emit, as a tracing filter such as `info` or
+    /// `pounce_host=debug,warn`. Default: info.
+    #[arg(long, env = "POUNCE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// A setting passed to the app; repeat for more. Overrides the same key
+    /// in the config file's `[app]` table.
+    #[arg(long = "app-arg", value_name = "KEY=VALUE", value_parser = parse_app_arg)]
+    pub app_args: Vec<(String, String)>,
+
+    /// Keep app thread-local destructors from pinning retired generations in
+    /// memory (see ARCHITECTURE.md). Turn off only if unloading misbehaves on
+    /// your libc. Default: on.
+    #[arg(long, env = "POUNCE_UNLOAD_GUARD", value_name = "on|off")]
+    pub unload_guard: Option<Switch>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// The app's cdylib (.so) to check.
+    #[arg(env = "POUNCE_LIBRARY", value_name = "LIBRARY")]
+    pub library: PathBuf,
+
+    /// TOML config file as for `serve`. Only its `[app]` table reaches the app,
+    /// but the whole file is validated so that check fails where serve would.
+    #[arg(long, env = "POUNCE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// A setting passed to the app; repeat for more. Overrides the same key
+    /// in the config file's `[app]` table.
+    #[arg(long = "app-arg", value_name = "KEY=VALUE", value_parser = parse_app_arg)]
+    pub app_args: Vec<(String, String)>,
+}
+
+/// An on/off setting, spelled the way operators write it in flags and
+/// environment files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl From<Switch> for bool {
+    fn from(switch: Switch) -> bool {
+        switch == Switch::On
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::{Mutex, MutexGuard, PoisonError};
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Serialises command-line parsing against tests that set `POUNCE_*`
+    /// variables: clap reads the real process environment, and tests run on
+    /// parallel threads.
+    pub(crate) fn env_lock() -> MutexGuard<'static, ()> {
+        static ENV: Mutex<()> = Mutex::new(());
+        ENV.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Parses `pounce-host <args>` while no other test changes the environment.
+    pub(crate) fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let _env = env_lock();
+        Cli::try_parse_from(std::iter::once("pounce-host").chain(args.iter().copied()))
+    }
+
+    pub(crate) fn serve_args(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["serve"];
+        argv.extend_from_slice(args);
+        match parse(&argv).expect("valid command line").command {
+            Command::Serve(serve) => serve,
+            Command::Check(_) => panic!("parsed as check"),
+        }
+    }
+
+    #[test]
+    fn command_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// `crate::config` names a flag and its variable after the config file
+    /// key, so the three spellings must stay in step.
+    #[test]
+    fn flags_and_env_vars_follow_the_key_names() {
+        let command = Cli::command();
+        let serve = command.find_subcommand("serve").expect("serve exists");
+        for arg in serve.get_arguments().filter(|arg| arg.get_long().is_some()) {
+            let key = arg.get_id().as_str();
+            if key == "app_args" || key == "help" {
+                continue;
+            }
+            assert_eq!(arg.get_long(), Some(key.replace('_', "-").as_str()));
+            let env = arg.get_env().and_then(|env| env.to_str());
+            assert_eq!(env, Some(format!("POUNCE_{}", key.to_uppercase()).as_str()));
+        }
+    }
+
+    #[test]
+    fn serve_without_flags_leaves_every_setting_unset() {
+        let args = serve_args(&["app.so"]);
+        assert_eq!(args.library, PathBuf::from("app.so"));
+        assert_eq!(args.port, None);
+        assert_eq!(args.reload_timeout, None);
+        assert_eq!(args.health_path, None);
+        assert!(args.app_args.is_empty());
+    }
+
+    #[test]
+    fn serve_parses_typed_flags() {
+        let args = serve_args(&[
+            "app.so",
+            "--host=::1",
+            "--port=0",
+            "--reload-timeout=500ms",
+            "--max-body-size=4MiB",
+            "--log-format=json",
+            "--unload-guard=off",
+            "--app-arg=a=1",
+            "--app-arg",
+            "b=x=y",
+        ]);
+        assert_eq!(args.host, Some("::1".parse().unwrap()));
+        assert_eq!(args.port, Some(0));
+        assert_eq!(args.reload_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(args.max_body_size, Some(4 << 20));
+        assert_eq!(args.log_format, Some(LogFormat::Json));
+        assert_eq!(args.unload_guard, Some(Switch::Off));
+        let expected = [("a", "1"), ("b", "x=y")].map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(args.app_args, expected);
+    }
+
+    #[test]
+    fn serve_rejects_malformed_values() {
+        for bad in [
+            "--port=65536",
+            "--reload-timeout=abc",
+            "--max-body-size=1.5MiB",
+            "--log-format=xml",
+            "--unload-guard=maybe",
+            "--app-arg=novalue",
+            "--app-arg==x",
+        ] {
+            assert!(parse(&["serve", "app.so", bad]).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn duration_errors_name_the_flag_and_what_is_expected() {
+        let err = parse(&["serve", "app.so", "--reload-timeout", "abc"]).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("--reload-timeout"), "{message}");
+        assert!(message.contains("e.g. 500ms, 30s or 2m"), "{message}");
+    }
+
+    #[test]
+    fn check_takes_library_config_and_app_args() {
+        let cli = parse(&["check", "app.so", "--config", "p.toml", "--app-arg", "k=v"]).unwrap();
+        let Command::Check(check) = cli.command else {
+            panic!("parsed as serve");
+        };
+        assert_eq!(check.library, PathBuf::from("app.so"));
+        assert_eq!(check.config, Some(PathBuf::from("p.toml")));
+        assert_eq!(check.app_args, [("k".to_owned(), "v".to_owned())]);
+    }
+}

@@ -1,0 +1,48 @@
+//! Draining and retiring a generation that a reload replaced.
+//!
+//! 1. The app is told (`drain`): it gets no new requests, and long-lived
+//!    responses should end soon. No new request can reach it anyway: it is
+//!    no longer current.
+//! 2. Its in-flight requests and response streams run to completion, for at
+//!    most `reload_timeout`.
+//! 3. Then it is retired: whatever still runs in it is cancelled (responses
+//!    end, their connections close). The library is released when its last
+//!    lease is dropped (see [`Generation`]'s `Drop`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::format_duration;
+use crate::generation::Generation;
+use crate::server::Server;
+
+/// How long cancelled requests get to unwind before the retirement is
+/// logged; their leases still keep the library loaded until they do.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
+    let number = old.number();
+    let started = Instant::now();
+    old.drain();
+    server.add_draining(old.clone());
+    tracing::info!(generation = number, in_flight = old.in_flight(), "generation {number} draining");
+    let timeout = server.config.reload_timeout;
+    let timed_out = tokio::time::timeout(timeout, old.idle()).await.is_err();
+    if timed_out {
+        tracing::warn!(
+            generation = number,
+            in_flight = old.in_flight(),
+            "generation {number} still busy after reload_timeout ({}); cancelling what remains",
+            format_duration(timeout)
+        );
+        old.cancel();
+        let _ = tokio::time::timeout(CANCEL_GRACE, old.idle()).await;
+    }
+    server.remove_draining(number);
+    tracing::info!(
+        generation = number,
+        drain_ms = started.elapsed().as_secs_f64() * 1000.0,
+        timed_out,
+        "generation {number} retired"
+    );
+}

@@ -1,0 +1,607 @@
+//! Calling an app through its C ABI (see `app_abi::ffi` for the contract).
+
+use std::ffi::c_void;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use app_abi::ffi::{
+    self as abi, body_kind, body_status, level, status, AppInstance, AppVTable, BodyStream, FfiWaker, Header, HostBody,
+    HostVTable, InitContextC, OwnedString, PeerAddr, RequestHead, ResponseFuture, ResponseHead, Slice,
+};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+
+use super::library::Library;
+use super::tls_guard;
+use crate::generation::Generation;
+
+/// What an app library says about itself.
+#[derive(Clone, Debug)]
+pub struct AppInfo {
+    pub name: String,
+    pub version: String,
+    pub abi_version: u32,
+    /// The version of the `app-abi` crate the app was built with.
+    pub abi_crate_version: String,
+}
+
+/// Why a library could not be opened as an app. The loader adds the path.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the dynamic loader refused it: {0}")]
+    Dlopen(String),
+    #[error(
+        "it does not export the `{}` symbol, so it is not a pounce-host app; \
+         build an app crate with `crate-type = [\"cdylib\"]` and `app_abi::export_app!(YourApp);`",
+        abi::ENTRY_SYMBOL
+    )]
+    MissingEntry,
+    #[error("its `{}` symbol returned no ABI table", abi::ENTRY_SYMBOL)]
+    NullTable,
+    #[error(
+        "it was built for app ABI version {found}, but this pounce-host speaks version {supported}; \
+         rebuild the app against an app-abi crate with ABI version {supported}"
+    )]
+    AbiVersion { found: u32, supported: u32 },
+    #[error(
+        "its ABI table is {found} bytes, smaller than the {expected} bytes of ABI version {}; \
+         the library is damaged or was built with a broken app-abi: rebuild it",
+        abi::ABI_VERSION
+    )]
+    TableSize { found: u32, expected: usize },
+    #[error("the app's init returned an error: {0}")]
+    InitFailed(String),
+    #[error("the app's init panicked: {0}")]
+    InitPanicked(String),
+}
+
+/// How an unload ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unloaded {
+    /// The library's code is gone from the address space.
+    Unmapped,
+    /// `dlclose` ran but the loader kept the object mapped (something else
+    /// pinned it, e.g. with `--unload-guard off`).
+    StillMapped,
+    /// Threads of the app were still running after the timeout, so the
+    /// library was left open on purpose: unmapping it would crash them.
+    ThreadsLeft,
+}
+
+/// An opened library whose app has been initialized: one generation's code.
+///
+/// Dropping it without [`LoadedApp::unload`] leaks the library (it stays
+/// mapped), which is always safe.
+pub struct LoadedApp {
+    library: Library,
+    vtable: *const AppVTable,
+    instance: *mut AppInstance,
+    generation: u64,
+    info: AppInfo,
+}
+
+// SAFETY: the app's entry points may be called from any thread: the app type
+// is `Send + Sync` (app-abi's `App` bound) and the glue keeps no thread
+// affinity. The pointers stay valid while the library is open, which this
+// value guarantees until `unload` consumes it.
+unsafe impl Send for LoadedApp {}
+// SAFETY: as above; shared access only calls entry points that take `&App`.
+unsafe impl Sync for LoadedApp {}
+
+/// The functions the host offers every app (static: valid for the process).
+static HOST_VTABLE: HostVTable = HostVTable {
+    abi_version: abi::ABI_VERSION,
+    size: std::mem::size_of::<HostVTable>() as u32,
+    log: app_log,
+    body_poll,
+};
+
+impl LoadedApp {
+    /// Opens `path`, checks its ABI table, and runs the app's init as
+    /// `generation`. Run it on a short-lived thread: app code touching a
+    /// thread-local there cannot pin anything once the thread exits.
+    pub fn open(
+        path: &Path,
+        generation: u64,
+        settings: &[(String, String)],
+        max_log_level: u32,
+    ) -> Result<LoadedApp, OpenError> {
+        let library = Library::open(path).map_err(OpenError::Dlopen)?;
+        let Some(entry) = library.symbol(abi::ENTRY_SYMBOL) else {
+            library.close();
+            return Err(OpenError::MissingEntry);
+        };
+        tls_guard::register(entry, generation);
+        match Self::start(entry, generation, settings, max_log_level) {
+            Ok((vtable, instance, info)) => Ok(LoadedApp { library, vtable, instance, generation, info }),
+            Err(e) => {
+                tls_guard::unregister(generation);
+                library.close();
+                Err(e)
+            }
+        }
+    }
+
+    fn start(
+        entry: *mut c_void,
+        generation: u64,
+        settings: &[(String, String)],
+        max_log_level: u32,
+    ) -> Result<(*const AppVTable, *mut AppInstance, AppInfo), OpenError> {
+        // SAFETY: the symbol is app-abi's entry point, an `EntryFn`; it only
+        // returns the address of a static table.
+        let table = unsafe { std::mem::transmute::<*mut c_void, abi::EntryFn>(entry)() };
+        if table.is_null() {
+            return Err(OpenError::NullTable);
+        }
+        // SAFETY: every ABI version starts the table with two `u32`s, the
+        // version and the size, so these reads are valid before we know which
+        // version it is.
+        let (found, size) =
+            unsafe { (std::ptr::read(table as *const u32), std::ptr::read((table as *const u32).add(1))) };
+        if found != abi::ABI_VERSION {
+            return Err(OpenError::AbiVersion { found, supported: abi::ABI_VERSION });
+        }
+        let expected = std::mem::size_of::<AppVTable>();
+        if (size as usize) < expected {
+            return Err(OpenError::TableSize { found: size, expected });
+        }
+        // SAFETY: version and size match ours, so the table is a full v1
+        // `AppVTable`, static in the library.
+        let vtable = unsafe { &*table };
+        let info = AppInfo {
+            // SAFETY: the table's strings are static in the library.
+            name: unsafe { text(vtable.name) },
+            // SAFETY: as above.
+            version: unsafe { text(vtable.version) },
+            abi_version: found,
+            // SAFETY: as above.
+            abi_crate_version: unsafe { text(vtable.abi_crate_version) },
+        };
+        let instance = init(vtable, generation, settings, max_log_level)?;
+        Ok((table, instance, info))
+    }
+
+    pub fn info(&self) -> &AppInfo {
+        &self.info
+    }
+
+    fn vtable(&self) -> &AppVTable {
+        // SAFETY: the table is static in the library, which stays open as
+        // long as `self` exists.
+        unsafe { &*self.vtable }
+    }
+
+    /// Tells the app its generation gets no new requests.
+    pub fn drain(&self) {
+        // SAFETY: `instance` is live until `unload`.
+        unsafe { (self.vtable().drain)(self.instance) };
+    }
+
+    /// Shuts the app down (waiting up to `timeout` for its threads) and
+    /// closes the library. The caller guarantees that no request, stream or
+    /// waker of this generation is left, which holding the last reference to
+    /// its `Generation` proves.
+    pub fn unload(self, timeout: Duration) -> Unloaded {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        // SAFETY: nothing of the generation runs any more (see above), and
+        // `shutdown` is called once: `self` is consumed.
+        let code = unsafe { (self.vtable().shutdown)(self.instance, timeout_ms) };
+        if code != status::OK {
+            // Unmapping would pull the code out from under the app's threads.
+            std::mem::forget(self.library);
+            return Unloaded::ThreadsLeft;
+        }
+        tls_guard::unregister(self.generation);
+        if self.library.close() {
+            Unloaded::Unmapped
+        } else {
+            Unloaded::StillMapped
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.library.path()
+    }
+}
+
+/// Copies a static string of the app.
+///
+/// # Safety
+/// `slice` points to bytes that stay valid during the call.
+unsafe fn text(slice: Slice) -> String {
+    // SAFETY: see the function's contract.
+    String::from_utf8_lossy(unsafe { slice.as_bytes() }).into_owned()
+}
+
+fn init(
+    vtable: &AppVTable,
+    generation: u64,
+    settings: &[(String, String)],
+    max_log_level: u32,
+) -> Result<*mut AppInstance, OpenError> {
+    let pairs: Vec<Header> = settings
+        .iter()
+        .map(|(k, v)| Header { name: Slice::new(k.as_bytes()), value: Slice::new(v.as_bytes()) })
+        .collect();
+    let ctx = InitContextC {
+        generation,
+        settings: pairs.as_ptr(),
+        settings_count: pairs.len(),
+        max_log_level,
+        host: &HOST_VTABLE,
+    };
+    let mut instance = std::ptr::null_mut();
+    let mut error = OwnedString::EMPTY;
+    // SAFETY: every pointer is valid for the call; `pairs` and `settings`
+    // outlive it.
+    let code = unsafe { (vtable.init)(&ctx, &mut instance, &mut error) };
+    if code == status::OK && !instance.is_null() {
+        return Ok(instance);
+    }
+    let message = error.to_string_lossy();
+    // SAFETY: `error` was allocated by this app and is given back once.
+    unsafe { (vtable.free_string)(error) };
+    match code {
+        status::PANICKED => Err(OpenError::InitPanicked(message)),
+        _ => Err(OpenError::InitFailed(message)),
+    }
+}
+
+/// Prints a log record from the app, tagged with its generation.
+extern "C" fn app_log(generation: u64, level: u32, target: Slice, message: Slice) {
+    let _ = catch_unwind(|| {
+        // SAFETY: the app passes slices valid for the call.
+        let (target, message) = unsafe { (target.as_bytes(), message.as_bytes()) };
+        let target = String::from_utf8_lossy(target);
+        let message = String::from_utf8_lossy(message);
+        match level {
+            level::ERROR => tracing::error!(target: "app", generation, app_target = %target, "{message}"),
+            level::WARN => tracing::warn!(target: "app", generation, app_target = %target, "{message}"),
+            level::INFO => tracing::info!(target: "app", generation, app_target = %target, "{message}"),
+            level::DEBUG => tracing::debug!(target: "app", generation, app_target = %target, "{message}"),
+            _ => tracing::trace!(target: "app", generation, app_target = %target, "{message}"),
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// One request inside the app
+// ---------------------------------------------------------------------------
+
+/// A request handed to the app. Boxed, so the pointers in `head` (into
+/// `parts` and `headers`) stay put while the app borrows them.
+struct PendingRequest {
+    generation: Arc<Generation>,
+    parts: http::request::Parts,
+    headers: Vec<Header>,
+    head: RequestHead,
+    body: RequestBody,
+}
+
+/// The host side of a request body the app reads through `body_poll`.
+struct RequestBody {
+    incoming: Incoming,
+    limit: u64,
+    received: u64,
+    over_limit: bool,
+    /// The chunk last handed to the app, valid until its next poll.
+    chunk: Bytes,
+    /// The text last handed to the app (limit or error), same lifetime.
+    note: String,
+}
+
+impl RequestBody {
+    fn poll(&mut self, cx: &mut Context<'_>) -> (u32, Slice) {
+        if self.over_limit {
+            return (body_status::TOO_LARGE, Slice::new(self.note.as_bytes()));
+        }
+        loop {
+            let frame = match Pin::new(&mut self.incoming).poll_frame(cx) {
+                Poll::Pending => return (body_status::PENDING, Slice::EMPTY),
+                Poll::Ready(None) => return (body_status::END, Slice::EMPTY),
+                Poll::Ready(Some(Err(e))) => {
+                    self.note = e.to_string();
+                    return (body_status::ERROR, Slice::new(self.note.as_bytes()));
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            // Trailers are not offered to apps in ABI v1.
+            let Ok(data) = frame.into_data() else { continue };
+            if data.is_empty() {
+                continue;
+            }
+            self.received = self.received.saturating_add(data.len() as u64);
+            if self.received > self.limit {
+                self.over_limit = true;
+                self.note = self.limit.to_string();
+                return (body_status::TOO_LARGE, Slice::new(self.note.as_bytes()));
+            }
+            self.chunk = data;
+            return (body_status::CHUNK, Slice::new(&self.chunk));
+        }
+    }
+}
+
+/// `HostVTable::body_poll`: the app reads the request body.
+unsafe extern "C" fn body_poll(body: *mut HostBody, waker: *const FfiWaker, out: *mut Slice) -> u32 {
+    let request = body as *mut PendingRequest;
+    // SAFETY: `head.body` is the request's `PendingRequest`, alive until the
+    // app's future is dropped. Only the `body` field is borrowed mutably; the
+    // app holds shared borrows of `head` and `parts` only.
+    let (body, generation) = unsafe { (&mut (*request).body, &(*request).generation) };
+    let polled = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `waker` is lent for this call. A clone of it (stored by
+        // hyper) keeps the generation, and so the waker's code, loaded.
+        unsafe { abi::with_foreign_waker(waker, Some(generation), |cx| body.poll(cx)) }
+    }));
+    let (code, slice) = polled.unwrap_or((body_status::ERROR, Slice::from_static("the host failed reading the body")));
+    // SAFETY: `out` is valid for the call.
+    unsafe { *out = slice };
+    code
+}
+
+fn abi_version(version: Version) -> u32 {
+    match version {
+        Version::HTTP_09 => abi::version::HTTP_09,
+        Version::HTTP_10 => abi::version::HTTP_10,
+        Version::HTTP_2 => abi::version::HTTP_2,
+        Version::HTTP_3 => abi::version::HTTP_3,
+        _ => abi::version::HTTP_11,
+    }
+}
+
+/// Why an app call produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("the handler panicked")]
+    Panicked,
+    #[error("the handler returned an invalid response: {0}")]
+    InvalidResponse(String),
+}
+
+/// The body of an app's response.
+pub enum AppBody {
+    Full(Bytes),
+    Stream(AppStream),
+}
+
+/// An app's response, copied out of the app.
+pub struct AppResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: AppBody,
+    /// The request body went over the limit while the app read it: the
+    /// client must get `413` whatever the app answered.
+    pub body_over_limit: bool,
+    /// The generation that served the request.
+    pub generation: Arc<Generation>,
+}
+
+/// A request in flight inside an app: a future of its response head.
+/// Dropping it cancels the app's handler.
+pub struct AppCall {
+    request: *mut PendingRequest,
+    future: *mut ResponseFuture,
+}
+
+// SAFETY: the app's future is `Send` (app-abi's `App::handle` bound) and the
+// `PendingRequest` holds only `Send` data; the raw pointers are owned.
+unsafe impl Send for AppCall {}
+
+impl AppCall {
+    /// Hands `request` to `generation`'s app. `max_body_size` bounds what the
+    /// app may read of the body.
+    pub fn start(
+        generation: Arc<Generation>,
+        request: http::Request<Incoming>,
+        peer: SocketAddr,
+        max_body_size: u64,
+    ) -> AppCall {
+        let (parts, incoming) = request.into_parts();
+        let body = RequestBody {
+            incoming,
+            limit: max_body_size,
+            received: 0,
+            over_limit: false,
+            chunk: Bytes::new(),
+            note: String::new(),
+        };
+        let head = empty_head(PeerAddr::new(peer));
+        let request = Box::into_raw(Box::new(PendingRequest { generation, parts, headers: Vec::new(), head, body }));
+        // SAFETY: `request` was just allocated and nothing else points to it
+        // yet, so this exclusive borrow is the only one.
+        let pending = unsafe { &mut *request };
+        fill_head(pending, request as *mut HostBody);
+        let app = pending.generation.app();
+        // SAFETY: the head and everything it points to live in `request`
+        // until `drop_response` (see `Drop`), as the ABI requires.
+        let future = unsafe { (app.vtable().handle)(app.instance, &pending.head) };
+        AppCall { request, future }
+    }
+
+    fn app(&self) -> &LoadedApp {
+        // SAFETY: `request` is live until `finish` or `Drop`, which null it.
+        unsafe { (*self.request).generation.app() }
+    }
+
+    /// Drops the app's future, then the request it borrowed; returns the
+    /// generation lease and whether the body went over the limit.
+    fn finish(&mut self) -> (Arc<Generation>, bool) {
+        if !self.future.is_null() {
+            // SAFETY: the future is live and dropped exactly once (nulled).
+            unsafe { (self.app().vtable().drop_response)(self.future) };
+            self.future = std::ptr::null_mut();
+        }
+        // SAFETY: the future that borrowed the request is gone; the box is
+        // freed exactly once (the pointer is nulled).
+        let request = unsafe { Box::from_raw(self.request) };
+        self.request = std::ptr::null_mut();
+        (request.generation, request.body.over_limit)
+    }
+
+    /// Copies the response head out of the app.
+    fn take(&mut self, head: &ResponseHead) -> Result<AppResponse, CallError> {
+        let stream = (head.body_kind == body_kind::STREAM && !head.stream.is_null()).then(|| AppStream {
+            // SAFETY: `request` is live until `finish` below.
+            generation: unsafe { (*self.request).generation.clone() },
+            stream: head.stream,
+        });
+        // SAFETY: `head` was filled by `poll_response` returning OK and the
+        // future is not dropped yet (that happens in `finish`, below).
+        let parsed = unsafe { parse_head(head) };
+        let body = match stream {
+            Some(stream) => AppBody::Stream(stream),
+            // SAFETY: as above, the body bytes live in the future.
+            None => AppBody::Full(Bytes::copy_from_slice(unsafe { head.body.as_bytes() })),
+        };
+        let (generation, body_over_limit) = self.finish();
+        let (status, headers) = parsed?;
+        Ok(AppResponse { status, headers, body, body_over_limit, generation })
+    }
+}
+
+fn empty_head(peer: PeerAddr) -> RequestHead {
+    RequestHead {
+        method: Slice::EMPTY,
+        path: Slice::EMPTY,
+        query: Slice::EMPTY,
+        has_query: 0,
+        version: abi::version::HTTP_11,
+        headers: std::ptr::null(),
+        header_count: 0,
+        peer,
+        body: std::ptr::null_mut(),
+    }
+}
+
+/// Points the C head at the request's parts (which live in the same box).
+fn fill_head(pending: &mut PendingRequest, body: *mut HostBody) {
+    let parts = &pending.parts;
+    pending.headers = parts
+        .headers
+        .iter()
+        .map(|(name, value)| Header { name: Slice::new(name.as_str().as_bytes()), value: Slice::new(value.as_bytes()) })
+        .collect();
+    let query = parts.uri.query();
+    pending.head = RequestHead {
+        method: Slice::new(parts.method.as_str().as_bytes()),
+        path: Slice::new(parts.uri.path().as_bytes()),
+        query: Slice::new(query.unwrap_or("").as_bytes()),
+        has_query: u8::from(query.is_some()),
+        version: abi_version(parts.version),
+        headers: pending.headers.as_ptr(),
+        header_count: pending.headers.len(),
+        body,
+        ..pending.head
+    };
+}
+
+/// Validates and copies status and headers.
+///
+/// # Safety
+/// `head` was filled by `poll_response` and its future is not dropped yet.
+unsafe fn parse_head(head: &ResponseHead) -> Result<(StatusCode, HeaderMap), CallError> {
+    let status = StatusCode::from_u16(head.status)
+        .map_err(|_| CallError::InvalidResponse(format!("status {} is not an HTTP status code", head.status)))?;
+    // SAFETY: see the function's contract.
+    let pairs = unsafe { head.header_slice() };
+    let mut headers = HeaderMap::with_capacity(pairs.len());
+    for pair in pairs {
+        // SAFETY: header bytes live in the future (function contract).
+        let (name, value) = unsafe { (pair.name.as_bytes(), pair.value.as_bytes()) };
+        let invalid = || CallError::InvalidResponse(format!("header {:?} is not valid", String::from_utf8_lossy(name)));
+        let name = HeaderName::from_bytes(name).map_err(|_| invalid())?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| invalid())?;
+        headers.append(name, value);
+    }
+    Ok((status, headers))
+}
+
+impl std::future::Future for AppCall {
+    type Output = Result<AppResponse, CallError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.request.is_null() {
+            // Polled after completion: a caller bug, answered without UB.
+            return Poll::Ready(Err(CallError::InvalidResponse("polled after it completed".to_owned())));
+        }
+        if this.future.is_null() {
+            // `handle` panicked before it made a future.
+            this.finish();
+            return Poll::Ready(Err(CallError::Panicked));
+        }
+        let waker = FfiWaker::borrowed(cx.waker());
+        let mut head = ResponseHead::EMPTY;
+        // SAFETY: the future is live; `waker` and `head` are valid for the
+        // call; the app keeps `head`'s data until `drop_response`.
+        let code = unsafe { (this.app().vtable().poll_response)(this.future, &waker, &mut head) };
+        match code {
+            status::OK => Poll::Ready(this.take(&head)),
+            status::PENDING => Poll::Pending,
+            _ => {
+                this.finish();
+                Poll::Ready(Err(CallError::Panicked))
+            }
+        }
+    }
+}
+
+impl Drop for AppCall {
+    fn drop(&mut self) {
+        if !self.request.is_null() {
+            self.finish();
+        }
+    }
+}
+
+/// A streamed response body inside the app.
+pub struct AppStream {
+    generation: Arc<Generation>,
+    stream: *mut BodyStream,
+}
+
+// SAFETY: the app's stream is `Send` (app-abi requires it) and owned here.
+unsafe impl Send for AppStream {}
+// SAFETY: `&AppStream` gives no access to the stream (polling takes `&mut`).
+unsafe impl Sync for AppStream {}
+
+/// The app's stream failed or panicked (already logged by the app side).
+#[derive(Debug, thiserror::Error)]
+#[error("the app's response stream failed")]
+pub struct StreamFailed;
+
+impl AppStream {
+    /// The next chunk, copied out of the app.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, StreamFailed>>> {
+        let waker = FfiWaker::borrowed(cx.waker());
+        let mut chunk = Slice::EMPTY;
+        let app = self.generation.app();
+        // SAFETY: the stream is live until `Drop`; `waker` and `chunk` are
+        // valid for the call.
+        let code = unsafe { (app.vtable().poll_chunk)(self.stream, &waker, &mut chunk) };
+        match code {
+            // SAFETY: the chunk is valid until the next call on the stream.
+            status::CHUNK => Poll::Ready(Some(Ok(Bytes::copy_from_slice(unsafe { chunk.as_bytes() })))),
+            status::END => Poll::Ready(None),
+            status::PENDING => Poll::Pending,
+            _ => Poll::Ready(Some(Err(StreamFailed))),
+        }
+    }
+}
+
+impl Drop for AppStream {
+    fn drop(&mut self) {
+        // SAFETY: the stream is live and dropped exactly once, before the
+        // generation lease (a field dropped after this runs).
+        unsafe { (self.generation.app().vtable().drop_stream)(self.stream) };
+    }
+}

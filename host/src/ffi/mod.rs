@@ -1,0 +1,14 @@
+//! Everything `unsafe` in the host: opening app libraries, calling through
+//! their C ABI, and the thread-local destructor guard.
+//!
+//! The rest of the host is safe code that uses three types from here:
+//! [`LoadedApp`] (one opened library with its initialized app), [`AppCall`]
+//! (one request in flight inside an app) and [`AppStream`] (a streamed
+//! response body produced by an app). Each of them holds what keeps the
+//! library's code loaded for as long as the host may call into it.
+
+mod app;
+mod library;
+pub mod tls_guard;
+
+pub use app::{AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, LoadedApp, OpenError, Unloaded};

@@ -1,0 +1,86 @@
+//! The `pounce-host` binary: parse the command line, set up logging and the
+//! runtime, run a subcommand, and turn its outcome into an exit code.
+//!
+//! Exit codes: 0 success (including a graceful shutdown); 1 unexpected
+//! failure; 2 invalid command line or configuration; 3 the app library could
+//! not be loaded; 4 the listening socket could not be opened; 128 + N when a
+//! second SIGTERM/SIGINT (signal N) forced an immediate exit.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use pounce_host::cli::{CheckArgs, Cli, Command, ServeArgs};
+use pounce_host::config::{self, Config, LogFormat};
+use pounce_host::loader::Loader;
+use pounce_host::{check, generation, logging, run, tls};
+
+/// How long the runtime waits for its tasks after a shutdown, before the
+/// generations are released.
+const RUNTIME_GRACE: Duration = Duration::from_secs(2);
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Check(args) => check(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match Config::from_serve_args(args) {
+        Ok(config) => config,
+        Err(e) => return fail(2, anyhow::Error::new(e).context("invalid configuration")),
+    };
+    let max_log_level = logging::init(config.log_format, &config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .thread_name("pounce-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(1, e),
+    };
+    let outcome = runtime.block_on(run::serve(config, max_log_level));
+    // Dropping the runtime drops every task, and with them the last leases
+    // on the generations, whose unload threads run the apps' `shutdown`.
+    runtime.shutdown_timeout(RUNTIME_GRACE);
+    generation::wait_for_unloads();
+    match outcome {
+        Ok(()) => {
+            tracing::info!("shutdown complete");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let settings = match config::app_args_for_check(&args) {
+        Ok(settings) => settings,
+        Err(e) => return fail(2, anyhow::Error::new(e).context("invalid configuration")),
+    };
+    let max_log_level = logging::init(LogFormat::Text, "warn");
+    tls::configure(true);
+    let loader = match Loader::new(args.library.clone(), settings, max_log_level, Duration::from_secs(10)) {
+        Ok(loader) => loader,
+        Err(e) => return fail(1, anyhow::Error::new(e).context("cannot create the staging directory")),
+    };
+    match check::run(&loader) {
+        Ok(report) => {
+            print!("{}", report.text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(3, anyhow::Error::new(e).context("check failed")),
+    }
+}
+
+fn fail(code: u8, error: anyhow::Error) -> ExitCode {
+    eprintln!("pounce-host: error: {error:#}");
+    ExitCode::from(code)
+}

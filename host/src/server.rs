@@ -1,0 +1,225 @@
+//! The server: the listening socket, the accept loop, and the state every
+//! connection shares.
+//!
+//! One listening socket serves every generation: a reload swaps the code
+//! behind it, never the socket, so no connection queued in the backlog is
+//! ever dropped by a reload.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{watch, Notify};
+
+use crate::config::Config;
+use crate::connection;
+use crate::generation::{Current, Generation};
+
+/// Why the listening socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{address} is already in use: stop the process that listens there, or choose another --port")]
+    InUse { address: SocketAddr },
+    #[error("cannot listen on {address}: {error}")]
+    Other { address: SocketAddr, error: io::Error },
+}
+
+/// The outcome of the last reload, as the health endpoint reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReloadReport {
+    pub outcome: &'static str,
+    pub generation: u64,
+    pub error: Option<String>,
+    pub duration_ms: f64,
+    pub seconds_ago: f64,
+    #[serde(skip)]
+    pub at: Option<Instant>,
+}
+
+/// What the health endpoint reports.
+pub struct Snapshot {
+    pub shutting_down: bool,
+    pub generation: u64,
+    pub uptime: Duration,
+    pub in_flight: usize,
+    pub connections: usize,
+    pub draining: usize,
+    pub last_reload: Option<ReloadReport>,
+}
+
+/// State shared by the accept loop, every connection and every request.
+pub struct Server {
+    pub config: Config,
+    pub current: Current,
+    pub http: auto::Builder<TokioExecutor>,
+    started: Instant,
+    draining: Mutex<Vec<Arc<Generation>>>,
+    last_reload: Mutex<Option<ReloadReport>>,
+    shutting_down: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    force_close: watch::Sender<bool>,
+    connections: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl Server {
+    pub fn new(config: Config, first: Generation) -> Server {
+        let http = http_builder(&config);
+        Server {
+            config,
+            current: Current::new(first),
+            http,
+            started: Instant::now(),
+            draining: Mutex::new(Vec::new()),
+            last_reload: Mutex::new(None),
+            shutting_down: AtomicBool::new(false),
+            shutdown: watch::Sender::new(false),
+            force_close: watch::Sender::new(false),
+            connections: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn force_close_signal(&self) -> watch::Receiver<bool> {
+        self.force_close.subscribe()
+    }
+
+    /// Starts a graceful shutdown: new requests get 503, idle connections
+    /// close, busy ones close after their current response.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.shutdown.send_replace(true);
+    }
+
+    /// Closes every connection still open, cancelling what runs on them.
+    pub fn force_close(&self) {
+        self.force_close.send_replace(true);
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Completes when no connection is open.
+    pub async fn all_connections_closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            if self.connections() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn add_draining(&self, generation: Arc<Generation>) {
+        lock(&self.draining).push(generation);
+    }
+
+    pub fn remove_draining(&self, number: u64) {
+        lock(&self.draining).retain(|g| g.number() != number);
+    }
+
+    pub fn draining(&self) -> Vec<Arc<Generation>> {
+        lock(&self.draining).clone()
+    }
+
+    pub fn record_reload(&self, report: ReloadReport) {
+        *lock(&self.last_reload) = Some(report);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let current = self.current.lease();
+        let draining = self.draining();
+        let in_flight = current.in_flight() + draining.iter().map(|g| g.in_flight()).sum::<usize>();
+        let last_reload = lock(&self.last_reload).clone().map(|mut report| {
+            report.seconds_ago = report.at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+            report
+        });
+        Snapshot {
+            shutting_down: self.is_shutting_down(),
+            generation: current.number(),
+            uptime: self.started.elapsed(),
+            in_flight,
+            connections: self.connections(),
+            draining: draining.len(),
+            last_reload,
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(config.header_timeout)
+        .max_buf_size(config.max_header_size);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Opens the listening socket (with `SO_REUSEADDR`, so a restart does not
+/// wait for old connections in TIME_WAIT).
+pub fn bind(config: &Config) -> Result<TcpListener, BindError> {
+    let address = SocketAddr::new(config.host, config.port);
+    let other = |error| BindError::Other { address, error };
+    let socket = if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(other)?;
+    socket.set_reuseaddr(true).map_err(other)?;
+    socket.bind(address).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => BindError::InUse { address },
+        _ => other(e),
+    })?;
+    socket.listen(config.backlog).map_err(other)
+}
+
+/// Accepts connections until every connection is force-closed at the end of
+/// a shutdown. During a shutdown it keeps accepting, so a late client gets a
+/// quick `503` instead of hanging in the backlog.
+pub async fn accept_loop(server: Arc<Server>, listener: TcpListener) {
+    let mut force_close = server.force_close_signal();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = force_close.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                server.connections.fetch_add(1, Ordering::AcqRel);
+                let server = server.clone();
+                tokio::spawn(async move {
+                    connection::serve(stream, peer, server.clone()).await;
+                    if server.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        server.all_closed.notify_waiters();
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!("accept failed: {e}; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The request path: from a hyper request to the response the client gets.
+//!
+//! 1. The health path is answered by the host.
+//! 2. During shutdown, new requests get `503` with `Connection: close`.
+//! 3. A declared body over `max_body_size` gets `413` without the app.
+//! 4. Otherwise the request leases the current generation and goes to the
+//!    app. An answer that is ready at the first poll goes straight out (no
+//!    timer, no extra task); one that is not races `request_timeout` and the
+//!    generation's retirement.
+
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::ResponseBody;
+use crate::config::format_duration;
+use crate::connection::{Connection, InFlight};
+use crate::ffi::{AppBody, AppCall, AppResponse, CallError};
+use crate::health;
+
+pub async fn handle(
+    request: Request<Incoming>,
+    connection: Arc<Connection>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let server = &connection.server;
+    let config = &server.config;
+    if config.health_path.as_deref() == Some(request.uri().path()) {
+        return Ok(health::respond(request.method(), server));
+    }
+    if server.is_shutting_down() {
+        return Ok(host_answer(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down; retry shortly\n", true));
+    }
+    if declared_length(&request).is_some_and(|length| length > config.max_body_size) {
+        return Ok(too_large(config.max_body_size));
+    }
+    let generation = server.current.lease();
+    let in_flight = InFlight::start(generation.clone(), connection.clone());
+    let call = AppCall::start(generation, request, connection.peer, config.max_body_size);
+    let outcome = run(call, &in_flight, config.request_timeout).await;
+    Ok(respond(outcome, in_flight, config.max_body_size))
+}
+
+/// How an app call ended.
+enum Outcome {
+    Answered(AppResponse),
+    Failed(CallError),
+    TimedOut(std::time::Duration),
+    Retired,
+}
+
+async fn run(mut call: AppCall, in_flight: &InFlight, timeout: std::time::Duration) -> Outcome {
+    let first = poll_fn(|cx| Poll::Ready(Pin::new(&mut call).poll(cx))).await;
+    let result = match first {
+        Poll::Ready(result) => result,
+        Poll::Pending => {
+            tokio::select! {
+                result = &mut call => result,
+                () = tokio::time::sleep(timeout) => return Outcome::TimedOut(timeout),
+                () = in_flight.generation.cancelled() => return Outcome::Retired,
+            }
+        }
+    };
+    match result {
+        Ok(response) => Outcome::Answered(response),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+fn respond(outcome: Outcome, in_flight: InFlight, max_body_size: u64) -> Response<ResponseBody> {
+    let generation = in_flight.generation.number();
+    match outcome {
+        Outcome::Answered(answer) if answer.body_over_limit => too_large(max_body_size),
+        Outcome::Answered(answer) => app_response(answer, in_flight),
+        Outcome::Failed(CallError::Panicked) => {
+            tracing::warn!(generation, "request handler panicked; answered 500");
+            host_answer(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n", false)
+        }
+        Outcome::Failed(e @ CallError::InvalidResponse(_)) => {
+            tracing::error!(generation, "{e}; answered 500");
+            host_answer(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n", false)
+        }
+        Outcome::TimedOut(timeout) => {
+            tracing::warn!(generation, "request handler gave no response within request_timeout; answered 504");
+            let text = format!("the app did not answer within {}\n", format_duration(timeout));
+            host_answer(StatusCode::GATEWAY_TIMEOUT, text, true)
+        }
+        Outcome::Retired => host_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the app version serving this request was retired before it answered; retry\n",
+            true,
+        ),
+    }
+}
+
+fn app_response(answer: AppResponse, in_flight: InFlight) -> Response<ResponseBody> {
+    let AppResponse { status, headers, body, generation, .. } = answer;
+    let body = match body {
+        AppBody::Full(bytes) => ResponseBody::full(bytes, Some(in_flight)),
+        AppBody::Stream(stream) => ResponseBody::stream(stream, generation, in_flight),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+fn declared_length(request: &Request<Incoming>) -> Option<u64> {
+    request.headers().get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn too_large(limit: u64) -> Response<ResponseBody> {
+    host_answer(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is larger than the limit of {limit} bytes\n"),
+        true,
+    )
+}
+
+/// A plain-text answer from the host itself. `close` adds `Connection:
+/// close` (and `Retry-After` for 503s), for answers after which the
+/// connection should not be reused.
+fn host_answer(status: StatusCode, text: impl Into<Bytes>, close: bool) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(text.into(), None));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if close {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}

@@ -1,0 +1,163 @@
+//! The sample app: the routes that pounce-host's tests, benchmarks and README
+//! use. Build it with `cargo build -p sample-app`; it lands at
+//! `target/debug/libsample_app.so`.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /` | `200 text/plain` `Hello, World!` |
+//! | `GET /version` | the greeting fixed at build time (`SAMPLE_GREETING`) and the generation |
+//! | `GET /sleep?ms=N` | waits N ms (asynchronously), then `200` |
+//! | `GET /blocking?ms=N` | waits N ms on the generation's blocking pool, then `200` |
+//! | `GET /stream?chunks=N&interval_ms=M` | N server-sent events, one every M ms |
+//! | `GET /events` | one event a second until the generation drains |
+//! | `POST /echo` | the request body back |
+//! | `GET /panic` | the handler panics (the client gets `500`) |
+
+use std::time::Duration;
+
+use app_abi::tokio::time::sleep;
+use app_abi::{export_app, tracing, App, BodyError, DrainSignal, InitContext, InitError, Request, Response};
+
+/// The greeting `/version` answers; set `SAMPLE_GREETING` when building to
+/// tell two builds apart.
+const GREETING: &str = match option_env!("SAMPLE_GREETING") {
+    Some(greeting) => greeting,
+    None => "Hello from sample-app",
+};
+
+/// Longest wait `/sleep`, `/blocking` and `/stream` accept, so a typo cannot
+/// park a request for hours.
+const MAX_WAIT_MS: u64 = 600_000;
+
+struct SampleApp {
+    generation: u64,
+    drain: DrainSignal,
+}
+
+impl App for SampleApp {
+    /// `--app-arg fail_init=panic` makes init panic and any other value makes
+    /// it fail: the tests use both to check how the host reports a bad init.
+    fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        match ctx.setting("fail_init") {
+            Some("panic") => panic!("sample-app: init panicked because fail_init=panic"),
+            Some(_) => return Err("sample-app: init failed because fail_init is set".into()),
+            None => {}
+        }
+        tracing::info!(greeting = GREETING, "sample-app ready");
+        Ok(SampleApp { generation: ctx.generation(), drain: ctx.drain_signal() })
+    }
+
+    async fn handle(&self, req: Request<'_>) -> Response {
+        match (req.method(), req.path()) {
+            ("GET", "/") => Response::text("Hello, World!"),
+            ("GET", "/version") => Response::text(format!("{GREETING} (generation {})\n", self.generation)),
+            ("GET", "/sleep") => self.sleep(&req).await,
+            ("GET", "/blocking") => blocking(&req).await,
+            ("GET", "/stream") => stream(&req),
+            ("GET", "/events") => self.events(),
+            ("POST", "/echo") => echo(req).await,
+            ("GET", "/panic") => panic!("sample-app: /panic was requested"),
+            (_, "/" | "/version" | "/sleep" | "/blocking" | "/stream" | "/events" | "/echo" | "/panic") => {
+                Response::text("method not allowed\n").with_status(405)
+            }
+            _ => Response::text("not found\n").with_status(404),
+        }
+    }
+
+    fn drain(&self) {
+        tracing::info!(generation = self.generation, "sample-app draining");
+    }
+}
+
+impl SampleApp {
+    async fn sleep(&self, req: &Request<'_>) -> Response {
+        let ms = match millis(req, "ms") {
+            Ok(ms) => ms,
+            Err(bad) => return bad,
+        };
+        sleep(Duration::from_millis(ms)).await;
+        Response::text(format!("slept {ms} ms (generation {})\n", self.generation))
+    }
+
+    /// An endless event stream that ends when the generation drains, so a
+    /// reload is not held up by it.
+    fn events(&self) -> Response {
+        let (response, body) = Response::channel("text/event-stream", 4);
+        let drain = self.drain.clone();
+        let generation = self.generation;
+        app_abi::tokio::spawn(async move {
+            for n in 0u64.. {
+                let event = format!("data: tick {n} (generation {generation})\n\n");
+                if body.send(event).await.is_err() {
+                    return;
+                }
+                app_abi::tokio::select! {
+                    _ = sleep(Duration::from_secs(1)) => {}
+                    _ = drain.drained() => {
+                        let _ = body.send("event: drain\ndata: generation is draining\n\n").await;
+                        return;
+                    }
+                }
+            }
+        });
+        response
+    }
+}
+
+/// Reads query parameter `name` as milliseconds, or answers `400`.
+fn millis(req: &Request<'_>, name: &str) -> Result<u64, Response> {
+    let raw = req.query_param(name).unwrap_or("0");
+    match raw.parse::<u64>() {
+        Ok(ms) if ms <= MAX_WAIT_MS => Ok(ms),
+        _ => Err(Response::text(format!("{name} must be a whole number of milliseconds up to {MAX_WAIT_MS}\n"))
+            .with_status(400)),
+    }
+}
+
+async fn blocking(req: &Request<'_>) -> Response {
+    let ms = match millis(req, "ms") {
+        Ok(ms) => ms,
+        Err(bad) => return bad,
+    };
+    let waited = app_abi::tokio::task::spawn_blocking(move || std::thread::sleep(Duration::from_millis(ms))).await;
+    match waited {
+        Ok(()) => Response::text(format!("blocked {ms} ms on the blocking pool\n")),
+        Err(e) => Response::text(format!("blocking task failed: {e}\n")).with_status(500),
+    }
+}
+
+fn stream(req: &Request<'_>) -> Response {
+    let chunks = match req.query_param("chunks").unwrap_or("5").parse::<u64>() {
+        Ok(n) if n <= 100_000 => n,
+        _ => return Response::text("chunks must be a whole number up to 100000\n").with_status(400),
+    };
+    let interval = match millis(req, "interval_ms") {
+        Ok(ms) => Duration::from_millis(ms),
+        Err(bad) => return bad,
+    };
+    let (response, body) = Response::channel("text/event-stream", 4);
+    app_abi::tokio::spawn(async move {
+        for n in 1..=chunks {
+            if n > 1 {
+                sleep(interval).await;
+            }
+            if body.send(format!("data: chunk {n} of {chunks}\n\n")).await.is_err() {
+                return;
+            }
+        }
+    });
+    response.with_header("cache-control", "no-store")
+}
+
+async fn echo(mut req: Request<'_>) -> Response {
+    let content_type = req.header("content-type").unwrap_or("application/octet-stream").to_owned();
+    match req.body().collect().await {
+        Ok(body) => Response::bytes(content_type, body),
+        Err(BodyError::TooLarge { limit }) => {
+            Response::text(format!("body larger than {limit} bytes\n")).with_status(413)
+        }
+        Err(e) => Response::text(format!("{e}\n")).with_status(400),
+    }
+}
+
+export_app!(SampleApp);
