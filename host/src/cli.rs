@@ -71,17 +71,20 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_BACKLOG", value_name = "N")]
     pub backlog: Option<u32>,
 
-    /// Longest time a reload may take before it is given up and the running
-    /// app keeps serving. Default: 30s.
+    /// After a reload, longest time the old generation may drain (finish its
+    /// in-flight requests and streams) before what still runs in it is
+    /// cancelled and it is released. Default: 30s.
     #[arg(long, env = "POUNCE_RELOAD_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub reload_timeout: Option<Duration>,
 
-    /// Longest time to wait for in-flight requests on shutdown before their
-    /// connections are closed. Default: 10s.
+    /// On SIGTERM/SIGINT, longest time to wait for open connections to
+    /// finish before they are closed by force; also how long an app's
+    /// shutdown may wait for its threads. Default: 10s.
     #[arg(long, env = "POUNCE_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
 
-    /// Longest time the app may take to answer one request. Default: 30s.
+    /// Longest time the app may take to produce a response head; then the
+    /// handler is cancelled and the client gets 504. Default: 30s.
     #[arg(long, env = "POUNCE_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub request_timeout: Option<Duration>,
 

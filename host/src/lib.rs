@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod drain;
+pub mod elf;
 mod ffi;
 pub mod generation;
 pub mod health;

@@ -7,12 +7,13 @@
 //! (empty) directory, which is removed at exit.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::elf::{self, ElfProblem};
 use crate::ffi::{LoadedApp, OpenError};
 use crate::generation::Generation;
 
@@ -27,10 +28,12 @@ pub enum LoadError {
     #[error("{}: cannot read it: {error}", .path.display())]
     Unreadable { path: PathBuf, error: io::Error },
     #[error(
-        "{}: not a shared library (no ELF header); give the .so that `cargo build` makes for a crate with crate-type = [\"cdylib\"]",
+        "{}: not a shared library ({problem}); give the .so that `cargo build` makes for a crate with crate-type = [\"cdylib\"]",
         .path.display()
     )]
-    NotElf { path: PathBuf },
+    NotLibrary { path: PathBuf, problem: ElfProblem },
+    #[error("{}: the library file is damaged ({problem}); rebuild it or copy it again", .path.display())]
+    Damaged { path: PathBuf, problem: ElfProblem },
     #[error("{}: cannot copy it into the staging directory {}: {error}", .path.display(), .staging.display())]
     Stage { path: PathBuf, staging: PathBuf, error: io::Error },
     #[error("{}: {reason}", .path.display())]
@@ -75,8 +78,8 @@ impl Loader {
     /// code on a short-lived thread of its own (see [`LoadedApp::open`]).
     pub fn load(&self, number: u64) -> Result<Loaded, LoadError> {
         let started = Instant::now();
-        check_file(&self.source)?;
-        let copy = self.staging.copy_in(&self.source, number)?;
+        let bytes = read_library(&self.source)?;
+        let copy = self.staging.write(&self.source, &bytes, number)?;
         let opened = std::thread::scope(|scope| {
             let thread = std::thread::Builder::new()
                 .name(format!("pounce-load-g{number}"))
@@ -91,23 +94,23 @@ impl Loader {
     }
 }
 
-/// Rejects what is certainly not a library before the dynamic loader sees it,
-/// with a message that says why.
-fn check_file(path: &Path) -> Result<(), LoadError> {
-    let metadata = fs::metadata(path).map_err(|error| match error.kind() {
+/// Reads the library and rejects what is not a complete shared object
+/// before the dynamic loader sees it, with a message that says why. Reading
+/// it once and loading the copy also means a file replaced mid-load cannot
+/// mix two versions.
+fn read_library(path: &Path) -> Result<Vec<u8>, LoadError> {
+    let unreadable = |error: io::Error| match error.kind() {
         io::ErrorKind::NotFound => LoadError::Missing { path: path.to_owned() },
         _ => LoadError::Unreadable { path: path.to_owned(), error },
-    })?;
-    if metadata.is_dir() {
+    };
+    if fs::metadata(path).map_err(unreadable)?.is_dir() {
         return Err(LoadError::Directory { path: path.to_owned() });
     }
-    let mut magic = [0u8; 4];
-    let read = fs::File::open(path).and_then(|mut file| file.read_exact(&mut magic));
-    match read {
-        Ok(()) if magic == *b"\x7fELF" => Ok(()),
-        Ok(()) => Err(LoadError::NotElf { path: path.to_owned() }),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(LoadError::NotElf { path: path.to_owned() }),
-        Err(error) => Err(LoadError::Unreadable { path: path.to_owned(), error }),
+    let bytes = fs::read(path).map_err(unreadable)?;
+    match elf::check(&bytes) {
+        Ok(()) => Ok(bytes),
+        Err(problem @ ElfProblem::Truncated { .. }) => Err(LoadError::Damaged { path: path.to_owned(), problem }),
+        Err(problem) => Err(LoadError::NotLibrary { path: path.to_owned(), problem }),
     }
 }
 
@@ -131,15 +134,15 @@ impl StagingDir {
         Ok(StagingDir { path, copies: AtomicU64::new(0) })
     }
 
-    /// Copies `source` to a name no earlier generation used. The copy is
-    /// written under a temporary name and renamed, so the loader never sees
-    /// a partial file.
-    fn copy_in(&self, source: &Path, number: u64) -> Result<PathBuf, LoadError> {
+    /// Writes `bytes` (read from `source`) to a name no earlier load used.
+    /// The copy is written under a temporary name and renamed, so the loader
+    /// never sees a partial file.
+    fn write(&self, source: &Path, bytes: &[u8], number: u64) -> Result<PathBuf, LoadError> {
         let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "app.so".to_owned());
         let copy = self.copies.fetch_add(1, Ordering::Relaxed);
         let target = self.path.join(format!("g{number}-{copy}-{name}"));
         let partial = self.path.join(format!(".g{number}-{copy}-{name}.partial"));
-        fs::copy(source, &partial).and_then(|_| fs::rename(&partial, &target)).map_err(|e| {
+        fs::write(&partial, bytes).and_then(|()| fs::rename(&partial, &target)).map_err(|e| {
             let _ = fs::remove_file(&partial);
             LoadError::Stage { path: source.to_owned(), staging: self.path.clone(), error: e }
         })?;
