@@ -27,12 +27,13 @@ pub fn run(loader: &Loader) -> Result<Report, LoadError> {
         Unloaded::ThreadsLeft => "the app's threads did not stop in time (a reload would keep this library loaded)",
     };
     let text = format!(
-        "ok: {path}\n  app:         {} {}\n  ABI version: {} (app-abi {})\n  init:        ok in {:.1} ms\n  shutdown:    {unload} in {shutdown_ms:.1} ms\n",
+        "ok: {path}\n  app:         {} {}\n  ABI version: {} (app-abi {})\n  load:        ok in {:.1} ms (init {:.1} ms)\n  shutdown:    {unload} in {shutdown_ms:.1} ms\n",
         info.name,
         info.version,
         info.abi_version,
         info.abi_crate_version,
         loaded.duration.as_secs_f64() * 1000.0,
+        info.init_duration.as_secs_f64() * 1000.0,
     );
     Ok(Report { text })
 }

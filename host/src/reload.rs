@@ -63,6 +63,7 @@ async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool
         tracing::info!(generation = number, "shutdown began during the reload; generation {number} is not published");
         return false;
     }
+    let init_ms = loaded.generation.info().init_duration.as_secs_f64() * 1000.0;
     let publish_started = Instant::now();
     let old = server.current.publish(Arc::new(loaded.generation));
     let publish_us = publish_started.elapsed().as_secs_f64() * 1e6;
@@ -71,6 +72,7 @@ async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool
         generation = number,
         previous = old.number(),
         load_ms = loaded.duration.as_secs_f64() * 1000.0,
+        init_ms,
         publish_us,
         reload_ms = ms,
         "generation {number} published; generation {} drains",

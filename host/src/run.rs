@@ -65,6 +65,7 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
         app = %info.name,
         app_version = %info.version,
         load_ms = first.duration.as_secs_f64() * 1000.0,
+        init_ms = info.init_duration.as_secs_f64() * 1000.0,
         "listening on http://{address}"
     );
     tokio::spawn(server::accept_loop(server.clone(), listener));

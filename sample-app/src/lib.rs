@@ -35,9 +35,15 @@ struct SampleApp {
 }
 
 impl App for SampleApp {
-    /// `--app-arg fail_init=panic` makes init panic and any other value makes
-    /// it fail: the tests use both to check how the host reports a bad init.
+    /// Test knobs: `--app-arg fail_init=panic` makes init panic and any other
+    /// value makes it fail; `--app-arg init_delay_ms=N` makes init take N ms
+    /// (to send a signal in the middle of a reload).
     fn init(ctx: &InitContext) -> Result<Self, InitError> {
+        if let Some(delay) = ctx.setting("init_delay_ms") {
+            let ms: u64 =
+                delay.parse().map_err(|_| format!("init_delay_ms={delay:?} is not a number of milliseconds"))?;
+            std::thread::sleep(Duration::from_millis(ms.min(MAX_WAIT_MS)));
+        }
         match ctx.setting("fail_init") {
             Some("panic") => panic!("sample-app: init panicked because fail_init=panic"),
             Some(_) => return Err("sample-app: init failed because fail_init is set".into()),

@@ -88,15 +88,20 @@ impl Drop for TempDir {
     }
 }
 
-/// The sample app built with `SAMPLE_GREETING=greeting`, copied to `dest`.
-/// Variants build in their own target directory, one at a time, so they
-/// never touch the library other tests are serving.
-pub fn sample_variant(greeting: &str, dest: &Path) {
+/// The sample app built with `SAMPLE_GREETING=greeting`. Variants build in
+/// their own target directory, one at a time, so they never touch the
+/// library other tests are serving; each is built once per test process.
+pub fn sample_variant(greeting: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let target = target_dir().join("e2e-variants");
-    cargo_build(&["sample-app"], &target, Some(greeting));
-    replace_file(&target.join("debug/libsample_app.so"), dest);
+    let slug: String = greeting.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let built = target.join(format!("libsample_{slug}_{}.so", std::process::id()));
+    if !built.exists() {
+        cargo_build(&["sample-app"], &target, Some(greeting));
+        std::fs::copy(target.join("debug/libsample_app.so"), &built).expect("keep the variant");
+    }
+    built
 }
 
 /// Replaces `dest` with a copy of `source` the way a linker or deploy does:

@@ -25,6 +25,8 @@ use crate::generation::Generation;
 /// What an app library says about itself.
 #[derive(Clone, Debug)]
 pub struct AppInfo {
+    /// How long the app's `init` took.
+    pub init_duration: Duration,
     pub name: String,
     pub version: String,
     pub abi_version: u32,
@@ -156,7 +158,10 @@ impl LoadedApp {
         // SAFETY: version and size match ours, so the table is a full v1
         // `AppVTable`, static in the library.
         let vtable = unsafe { &*table };
+        let init_started = std::time::Instant::now();
+        let instance = init(vtable, generation, settings, max_log_level)?;
         let info = AppInfo {
+            init_duration: init_started.elapsed(),
             // SAFETY: the table's strings are static in the library.
             name: unsafe { text(vtable.name) },
             // SAFETY: as above.
@@ -165,7 +170,6 @@ impl LoadedApp {
             // SAFETY: as above.
             abi_crate_version: unsafe { text(vtable.abi_crate_version) },
         };
-        let instance = init(vtable, generation, settings, max_log_level)?;
         Ok((table, instance, info))
     }
 
