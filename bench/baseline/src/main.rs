@@ -1,0 +1,117 @@
+//! The baseline of `cargo xtask bench`: the smallest hyper server that
+//! answers what the sample app answers on `GET /` (`200`, `content-type:
+//! text/plain; charset=utf-8`, `Hello, World!`), with the handler compiled
+//! in: no plugin, no generations, no timers. hyper-util's auto builder
+//! (HTTP/1.1 + h2c) on a multi-thread tokio runtime with `--workers`
+//! threads (default 1, as the benchmark runs pounce-host).
+//!
+//! Usage: `pounce-baseline [--host ADDR] [--port PORT] [--workers N]`; port 0
+//! picks a free one. It prints `listening on http://ADDR:PORT` on stderr,
+//! like pounce-host, and runs until it is killed.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpSocket;
+
+/// pounce-host's default listen backlog.
+const BACKLOG: u32 = 2048;
+
+struct Args {
+    host: IpAddr,
+    port: u16,
+    workers: usize,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("pounce-baseline: {e}\nusage: pounce-baseline [--host ADDR] [--port PORT] [--workers N]");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers)
+        .thread_name("baseline-worker")
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("pounce-baseline: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(SocketAddr::new(args.host, args.port))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pounce-baseline: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut parsed = Args { host: IpAddr::V4(Ipv4Addr::LOCALHOST), port: 8000, workers: 1 };
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--host" => parsed.host = value()?.parse().map_err(|e| format!("--host: {e}"))?,
+            "--port" => parsed.port = value()?.parse().map_err(|e| format!("--port: {e}"))?,
+            "--workers" => {
+                parsed.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?;
+                if parsed.workers == 0 {
+                    return Err("--workers must be at least 1".to_owned());
+                }
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(parsed)
+}
+
+async fn serve(address: SocketAddr) -> std::io::Result<()> {
+    let socket = if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    let listener = socket.listen(BACKLOG)?;
+    eprintln!("listening on http://{}", listener.local_addr()?);
+    let http = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                eprintln!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let http = http.clone();
+        tokio::spawn(async move {
+            let _ = http.serve_connection(TokioIo::new(stream), service_fn(hello)).await;
+        });
+    }
+}
+
+async fn hello(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, body) = match (request.method().as_str(), request.uri().path()) {
+        ("GET", "/") => (StatusCode::OK, "Hello, World!"),
+        (_, "/") => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    Ok(response)
+}
