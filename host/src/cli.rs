@@ -128,6 +128,34 @@ pub struct ServeArgs {
     #[arg(long = "app-arg", value_name = "KEY=VALUE", value_parser = parse_app_arg)]
     pub app_args: Vec<(String, String)>,
 
+    /// Watch the library file (and --reload-dir) and reload on every change,
+    /// as SIGHUP would; for development. `--reload` alone means on;
+    /// `--reload=off` turns it off.
+    /// Default: off.
+    #[arg(long, env = "POUNCE_RELOAD", value_name = "on|off", num_args = 0..=1, require_equals = true, default_missing_value = "on")]
+    pub reload: Option<Switch>,
+
+    /// With --reload, also watch this directory (recursively) for changes,
+    /// e.g. templates the app reads; repeat for more. Hidden directories and
+    /// editor temporary files are ignored. Default: none.
+    #[arg(long, env = "POUNCE_RELOAD_DIR", value_name = "DIR", value_delimiter = ':')]
+    pub reload_dir: Vec<PathBuf>,
+
+    /// With --reload-dir, only files with these extensions trigger a reload,
+    /// as a comma list, e.g. `.html,.css`. Default: every file.
+    #[arg(long, env = "POUNCE_RELOAD_INCLUDE", value_name = "EXTS", value_delimiter = ',')]
+    pub reload_include: Vec<String>,
+
+    /// Path of a Prometheus metrics endpoint answered by the host, e.g.
+    /// `/metrics`, or `off`. Default: off.
+    #[arg(long, env = "POUNCE_METRICS_PATH", value_name = "PATH")]
+    pub metrics_path: Option<String>,
+
+    /// Log one line per request (method, path, status, bytes, duration,
+    /// generation) at info level on target `access`. Default: off.
+    #[arg(long, env = "POUNCE_ACCESS_LOG", value_name = "on|off")]
+    pub access_log: Option<Switch>,
+
     /// Keep app thread-local destructors from pinning retired generations in
     /// memory (see ARCHITECTURE.md). Turn off only if unloading misbehaves on
     /// your libc. Default: on.

@@ -45,7 +45,7 @@ const HEADER_SIZES: RangeInclusive<usize> = 8 << 10..=16 << 20;
 /// Top-level keys of the config file, listed in the unknown-key error.
 /// `library` is not among them: only the command line chooses which code
 /// runs.
-const FILE_KEYS: [&str; 16] = [
+const FILE_KEYS: [&str; 21] = [
     "host",
     "port",
     "workers",
@@ -61,6 +61,11 @@ const FILE_KEYS: [&str; 16] = [
     "log_format",
     "log_level",
     "unload_guard",
+    "reload",
+    "reload_dir",
+    "reload_include",
+    "metrics_path",
+    "access_log",
     "app",
 ];
 
@@ -88,6 +93,13 @@ pub struct Config {
     /// holding the last value given, at the position the key first appeared.
     pub app_args: Vec<(String, String)>,
     pub unload_guard: bool,
+    /// Watch files and reload on change (development).
+    pub reload: bool,
+    pub reload_dirs: Vec<PathBuf>,
+    /// Extensions without the dot, lowercase; empty means every file.
+    pub reload_include: Vec<String>,
+    pub metrics_path: Option<String>,
+    pub access_log: bool,
 }
 
 /// How log lines are written.
@@ -184,6 +196,11 @@ struct Layer {
     log_level: Option<String>,
     unload_guard: Option<bool>,
     app_args: Vec<(String, String)>,
+    reload: Option<bool>,
+    reload_dirs: Option<Vec<PathBuf>>,
+    reload_include: Option<Vec<String>>,
+    metrics_path: Option<Option<String>>,
+    access_log: Option<bool>,
 }
 
 impl Layer {
@@ -206,6 +223,11 @@ impl Layer {
             log_level: flag("log_level", args.log_level, check_log_level)?,
             unload_guard: args.unload_guard.map(bool::from),
             app_args: args.app_args,
+            reload: args.reload.map(bool::from),
+            reload_dirs: (!args.reload_dir.is_empty()).then_some(args.reload_dir),
+            reload_include: flag("reload_include", non_empty(args.reload_include), check_extensions)?,
+            metrics_path: flag("metrics_path", args.metrics_path, check_health_path)?,
+            access_log: args.access_log.map(bool::from),
         })
     }
 
@@ -238,6 +260,13 @@ impl Layer {
                 "log_format" => put(&mut layer.log_format, choice(value)),
                 "log_level" => put(&mut layer.log_level, text_of(value).and_then(check_log_level)),
                 "unload_guard" => put(&mut layer.unload_guard, switch(value)),
+                "reload" => put(&mut layer.reload, switch(value)),
+                "reload_dir" => {
+                    put(&mut layer.reload_dirs, list(value).map(|dirs| dirs.into_iter().map(PathBuf::from).collect()))
+                }
+                "reload_include" => put(&mut layer.reload_include, list(value).and_then(check_extensions)),
+                "metrics_path" => put(&mut layer.metrics_path, text_of(value).and_then(check_health_path)),
+                "access_log" => put(&mut layer.access_log, switch(value)),
                 "app" => {
                     layer.app_args = app_table(path, value)?;
                     Ok(())
@@ -270,7 +299,41 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
         log_level: flags.log_level.or(file.log_level).unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
         unload_guard: flags.unload_guard.or(file.unload_guard).unwrap_or(true),
         app_args: merge_app_args(file.app_args, flags.app_args),
+        reload: flags.reload.or(file.reload).unwrap_or(false),
+        reload_dirs: flags.reload_dirs.or(file.reload_dirs).unwrap_or_default(),
+        reload_include: flags.reload_include.or(file.reload_include).unwrap_or_default(),
+        metrics_path: flags.metrics_path.or(file.metrics_path).unwrap_or(None),
+        access_log: flags.access_log.or(file.access_log).unwrap_or(false),
     }
+}
+
+fn non_empty<T>(values: Vec<T>) -> Option<Vec<T>> {
+    (!values.is_empty()).then_some(values)
+}
+
+/// A list setting: a TOML array of strings, or one comma-separated string.
+fn list(value: &Value) -> Result<Vec<String>, String> {
+    match value {
+        Value::String(text) => Ok(text.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()),
+        Value::Array(items) => items.iter().map(text_of).collect(),
+        _ => Err("expected an array of strings or a comma-separated string".to_owned()),
+    }
+}
+
+/// File extensions, written with or without the dot: stored without it,
+/// lowercase.
+fn check_extensions(extensions: Vec<String>) -> Result<Vec<String>, String> {
+    extensions
+        .into_iter()
+        .map(|ext| {
+            let ext = ext.trim().trim_start_matches('.').to_ascii_lowercase();
+            if ext.is_empty() || ext.contains(['/', '.', '*']) {
+                Err("expected file extensions such as .html,.css".to_owned())
+            } else {
+                Ok(ext)
+            }
+        })
+        .collect()
 }
 
 /// One worker per CPU the process may use, within the allowed range.
@@ -1034,6 +1097,11 @@ mod tests {
             log_format = "text"
             log_level = "warn"
             unload_guard = "on"
+            reload = true
+            reload_dir = ["templates"]
+            reload_include = ".html,.css"
+            metrics_path = "/metrics"
+            access_log = "on"
             [app]
         "#;
         let table: toml::Table = toml.parse().unwrap();

@@ -21,6 +21,7 @@ pub mod run;
 pub mod server;
 pub mod service;
 pub mod signals;
+pub mod watch;
 
 /// The thread-local destructor guard (see `ffi::tls_guard`).
 pub mod tls {

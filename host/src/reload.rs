@@ -15,10 +15,8 @@ use crate::drain;
 use crate::loader::{LoadError, Loader};
 use crate::server::{ReloadReport, Server};
 
-/// Starts the reload task; `notify_one` on the returned handle asks for a reload.
-pub fn spawn(server: Arc<Server>, loader: Arc<Loader>) -> Arc<Notify> {
-    let requests = Arc::new(Notify::new());
-    let trigger = requests.clone();
+/// Starts the reload task: each `notify_one` on `requests` asks for a reload.
+pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>) {
     tokio::spawn(async move {
         let mut next = server.current.number() + 1;
         loop {
@@ -31,7 +29,6 @@ pub fn spawn(server: Arc<Server>, loader: Arc<Loader>) -> Arc<Notify> {
             }
         }
     });
-    trigger
 }
 
 /// One reload. Returns whether generation `number` was published.

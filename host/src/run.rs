@@ -16,10 +16,13 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::sync::Notify;
+
 use crate::config::{format_duration, Config};
 use crate::loader::{LoadError, Loader};
 use crate::server::{self, BindError, Server};
 use crate::signals::{Request, Signals};
+use crate::watch::{self, WatchError, WatchSpec};
 use crate::{reload, tls};
 
 /// Why `serve` could not start. The exit code tells them apart.
@@ -29,15 +32,18 @@ pub enum StartError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
 
 impl StartError {
-    /// 3: the app library could not be loaded; 4: the port could not be
-    /// bound; 1: anything else.
+    /// 2: a bad `--reload-dir`; 3: the app library could not be loaded;
+    /// 4: the port could not be bound; 1: anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
+            StartError::Watch(_) => 2,
             StartError::Load(_) => 3,
             StartError::Bind(_) => 4,
             StartError::Io(_) => 1,
@@ -56,6 +62,12 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
             .await
             .map_err(|_| LoadError::Crashed { path: config.library.clone() })??
     };
+    // Watch before binding, so a bad --reload-dir fails the start-up.
+    let reloads = Arc::new(Notify::new());
+    let _watch = match config.reload {
+        true => Some(watch::start(watch_spec(&config), reloads.clone())?),
+        false => None,
+    };
     let listener = server::bind(&config)?;
     let address = listener.local_addr()?;
     let info = first.generation.info().clone();
@@ -69,7 +81,7 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
         "listening on http://{address}"
     );
     tokio::spawn(server::accept_loop(server.clone(), listener));
-    let reloads = reload::spawn(server.clone(), loader);
+    reload::spawn(server.clone(), loader, reloads.clone());
     let first_stop = loop {
         match signals.next().await {
             Request::Reload(name) => {
@@ -81,6 +93,14 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     };
     shut_down(&server, &mut signals, first_stop).await;
     Ok(())
+}
+
+fn watch_spec(config: &Config) -> WatchSpec {
+    WatchSpec {
+        library: config.library.clone(),
+        dirs: config.reload_dirs.clone(),
+        include: config.reload_include.clone(),
+    }
 }
 
 async fn shut_down(server: &Arc<Server>, signals: &mut Signals, (name, _): (&'static str, i32)) {
