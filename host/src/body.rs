@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
+use crate::access::RequestRecord;
 use crate::connection::InFlight;
 use crate::ffi::AppStream;
 use crate::generation::Generation;
@@ -29,6 +30,7 @@ pub enum BodyAborted {
 pub struct ResponseBody {
     kind: Kind,
     _in_flight: Option<InFlight>,
+    record: Option<Box<RequestRecord>>,
 }
 
 enum Kind {
@@ -40,14 +42,27 @@ impl ResponseBody {
     /// A complete body.
     pub fn full(bytes: Bytes, in_flight: Option<InFlight>) -> ResponseBody {
         let bytes = (!bytes.is_empty()).then_some(bytes);
-        ResponseBody { kind: Kind::Full(bytes), _in_flight: in_flight }
+        ResponseBody { kind: Kind::Full(bytes), _in_flight: in_flight, record: None }
     }
 
     /// A body streamed from the app, cut short if `generation` is retired
     /// before it ends.
     pub fn stream(stream: AppStream, generation: Arc<Generation>, in_flight: InFlight) -> ResponseBody {
         let retired = Box::pin(async move { generation.cancelled().await });
-        ResponseBody { kind: Kind::Stream { stream, retired }, _in_flight: Some(in_flight) }
+        ResponseBody { kind: Kind::Stream { stream, retired }, _in_flight: Some(in_flight), record: None }
+    }
+
+    /// Attaches the request's record, finished when this body is dropped.
+    pub fn observe(&mut self, record: RequestRecord) {
+        self.record = Some(Box::new(record));
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish();
+        }
     }
 }
 
@@ -56,17 +71,20 @@ impl http_body::Body for ResponseBody {
     type Error = BodyAborted;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
-        match &mut self.get_mut().kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(Ok)),
             Kind::Stream { stream, retired } => {
                 if retired.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(BodyAborted::Retired)));
                 }
-                stream
-                    .poll_chunk(cx)
-                    .map(|chunk| chunk.map(|c| c.map(Frame::data).map_err(|_| BodyAborted::StreamFailed)))
+                stream.poll_chunk(cx).map(|chunk| chunk.map(|c| c.map_err(|_| BodyAborted::StreamFailed)))
             }
+        };
+        if let (Poll::Ready(Some(Ok(bytes))), Some(record)) = (&polled, &mut this.record) {
+            record.sent(bytes.len());
         }
+        polled.map(|chunk| chunk.map(|c| c.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {

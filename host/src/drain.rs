@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::format_duration;
+use crate::events::Event;
 use crate::generation::Generation;
 use crate::server::Server;
 
@@ -25,7 +26,7 @@ pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
     let started = Instant::now();
     old.drain();
     server.add_draining(old.clone());
-    tracing::info!(generation = number, in_flight = old.in_flight(), "generation {number} draining");
+    server.emit(Event::GenerationDraining { generation: number, in_flight: old.in_flight() });
     let timeout = server.config.reload_timeout;
     let timed_out = tokio::time::timeout(timeout, old.idle()).await.is_err();
     if timed_out {
@@ -39,10 +40,5 @@ pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
         let _ = tokio::time::timeout(CANCEL_GRACE, old.idle()).await;
     }
     server.remove_draining(number);
-    tracing::info!(
-        generation = number,
-        drain_ms = started.elapsed().as_secs_f64() * 1000.0,
-        timed_out,
-        "generation {number} retired"
-    );
+    server.emit(Event::GenerationRetired { generation: number, drain: started.elapsed(), timed_out });
 }

@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md at the repository root for the map of this crate, the
 //! request path, the reload path and the invariants around app libraries.
 
+pub mod access;
 pub mod body;
 pub mod check;
 pub mod cli;
@@ -11,13 +12,16 @@ pub mod config;
 pub mod connection;
 pub mod drain;
 pub mod elf;
+pub mod events;
 mod ffi;
 pub mod generation;
 pub mod health;
 pub mod loader;
 pub mod logging;
+pub mod metrics;
 pub mod reload;
 pub mod run;
+pub mod sd_notify;
 pub mod server;
 pub mod service;
 pub mod signals;

@@ -18,8 +18,10 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::config::{format_duration, Config};
+use crate::config::Config;
+use crate::events::Event;
 use crate::loader::{LoadError, Loader};
+use crate::sd_notify;
 use crate::server::{self, BindError, Server};
 use crate::signals::{Request, Signals};
 use crate::watch::{self, WatchError, WatchSpec};
@@ -72,15 +74,17 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     let address = listener.local_addr()?;
     let info = first.generation.info().clone();
     let server = Arc::new(Server::new(config, first.generation));
-    tracing::info!(
-        generation = 1,
-        app = %info.name,
-        app_version = %info.version,
-        load_ms = first.duration.as_secs_f64() * 1000.0,
-        init_ms = info.init_duration.as_secs_f64() * 1000.0,
-        "listening on http://{address}"
-    );
     tokio::spawn(server::accept_loop(server.clone(), listener));
+    server.emit(Event::Ready {
+        address,
+        app: &info.name,
+        app_version: &info.version,
+        load: first.duration,
+        init: info.init_duration,
+    });
+    if let (Some(_), Some(interval)) = (&server.systemd, sd_notify::watchdog_interval()) {
+        tokio::spawn(watchdog(server.clone(), interval));
+    }
     reload::spawn(server.clone(), loader, reloads.clone());
     let first_stop = loop {
         match signals.next().await {
@@ -106,11 +110,7 @@ fn watch_spec(config: &Config) -> WatchSpec {
 async fn shut_down(server: &Arc<Server>, signals: &mut Signals, (name, _): (&'static str, i32)) {
     let started = Instant::now();
     let timeout = server.config.shutdown_timeout;
-    tracing::info!(
-        connections = server.connections(),
-        "{name} received: shutting down; open connections get up to {} to finish",
-        format_duration(timeout)
-    );
+    server.emit(Event::ShutdownStarted { signal: name, connections: server.connections(), timeout });
     server.begin_shutdown();
     server.current.lease().drain();
     let deadline = tokio::time::sleep(timeout);
@@ -128,15 +128,23 @@ async fn shut_down(server: &Arc<Server>, signals: &mut Signals, (name, _): (&'st
             },
         }
     };
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let took = started.elapsed();
     if drained {
-        tracing::info!(shutdown_ms = ms, "all connections closed");
+        server.emit(Event::ShutdownDrained { took });
     } else {
-        tracing::warn!(
-            shutdown_ms = ms,
-            connections = server.connections(),
-            "shutdown_timeout reached; closing the remaining connections"
-        );
+        server.emit(Event::ShutdownTimedOut { took, connections: server.connections() });
     }
     server.force_close();
+}
+
+/// Sends `WATCHDOG=1` every `interval` from a task on the serving runtime:
+/// if the runtime wedges, the pings stop and systemd restarts the service.
+async fn watchdog(server: Arc<Server>, interval: std::time::Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    loop {
+        ticks.tick().await;
+        if let Some(systemd) = &server.systemd {
+            systemd.watchdog();
+        }
+    }
 }

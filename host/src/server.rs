@@ -20,6 +20,8 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::connection;
 use crate::generation::{Current, Generation};
+use crate::metrics::Metrics;
+use crate::sd_notify::SdNotify;
 
 /// Why the listening socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -66,13 +68,14 @@ pub struct Server {
     force_close: watch::Sender<bool>,
     connections: AtomicUsize,
     all_closed: Notify,
+    pub(crate) systemd: Option<SdNotify>,
+    metrics: Option<Metrics>,
 }
 
 impl Server {
     pub fn new(config: Config, first: Generation) -> Server {
         let http = http_builder(&config);
         Server {
-            config,
             current: Current::new(first),
             http,
             started: Instant::now(),
@@ -83,6 +86,20 @@ impl Server {
             force_close: watch::Sender::new(false),
             connections: AtomicUsize::new(0),
             all_closed: Notify::new(),
+            systemd: SdNotify::from_env(),
+            metrics: config.metrics_path.is_some().then(Metrics::new),
+            config,
+        }
+    }
+
+    /// The metrics, when `--metrics-path` is on.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
+
+    pub(crate) fn count(&self, update: impl FnOnce(&Metrics)) {
+        if let Some(metrics) = &self.metrics {
+            update(metrics);
         }
     }
 
@@ -137,7 +154,7 @@ impl Server {
         lock(&self.draining).clone()
     }
 
-    pub fn record_reload(&self, report: ReloadReport) {
+    pub(crate) fn record_reload(&self, report: ReloadReport) {
         *lock(&self.last_reload) = Some(report);
     }
 

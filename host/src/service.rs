@@ -1,6 +1,6 @@
 //! The request path: from a hyper request to the response the client gets.
 //!
-//! 1. The health path is answered by the host.
+//! 1. The health and metrics paths are answered by the host.
 //! 2. During shutdown, new requests get `503` with `Connection: close`.
 //! 3. A declared body over `max_body_size` gets `413` without the app.
 //! 4. Otherwise the request leases the current generation and goes to the
@@ -16,35 +16,63 @@ use std::task::Poll;
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::access::RequestRecord;
 use crate::body::ResponseBody;
 use crate::config::format_duration;
 use crate::connection::{Connection, InFlight};
 use crate::ffi::{AppBody, AppCall, AppResponse, CallError};
-use crate::health;
+use crate::server::Server;
+use crate::{health, metrics};
 
 pub async fn handle(
     request: Request<Incoming>,
     connection: Arc<Connection>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let record = RequestRecord::start(&connection.server, request.method(), request.uri().path());
+    let (mut response, generation) = answer(request, &connection).await;
+    if let Some(mut record) = record {
+        record.answered(response.status().as_u16(), generation);
+        response.body_mut().observe(record);
+    }
+    Ok(response)
+}
+
+/// The response, and the generation that gave it (`None`: the host did).
+async fn answer(request: Request<Incoming>, connection: &Arc<Connection>) -> (Response<ResponseBody>, Option<u64>) {
     let server = &connection.server;
     let config = &server.config;
-    if config.health_path.as_deref() == Some(request.uri().path()) {
-        return Ok(health::respond(request.method(), server));
+    let path = request.uri().path();
+    if config.health_path.as_deref() == Some(path) {
+        return (health::respond(request.method(), server), None);
+    }
+    if config.metrics_path.as_deref() == Some(path) {
+        return (metrics_answer(request.method(), server), None);
     }
     if server.is_shutting_down() {
-        return Ok(host_answer(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down; retry shortly\n", true));
+        let text = "the server is shutting down; retry shortly\n";
+        return (host_answer(StatusCode::SERVICE_UNAVAILABLE, text, true), None);
     }
     if declared_length(&request).is_some_and(|length| length > config.max_body_size) {
-        return Ok(too_large(config.max_body_size));
+        return (too_large(config.max_body_size), None);
     }
     let generation = server.current.lease();
+    let number = generation.number();
     let in_flight = InFlight::start(generation.clone(), connection.clone());
     let call = AppCall::start(generation, request, connection.peer, config.max_body_size);
     let outcome = run(call, &in_flight, config.request_timeout).await;
-    Ok(respond(outcome, in_flight, config.max_body_size))
+    (respond(outcome, in_flight, config.max_body_size), Some(number))
+}
+
+fn metrics_answer(method: &Method, server: &Server) -> Response<ResponseBody> {
+    let Some(metrics) = server.metrics().filter(|_| method == Method::GET || method == Method::HEAD) else {
+        return host_answer(StatusCode::METHOD_NOT_ALLOWED, "use GET or HEAD\n", false);
+    };
+    let mut response = Response::new(ResponseBody::full(metrics.render(&server.snapshot()).into(), None));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
+    response
 }
 
 /// How an app call ended.

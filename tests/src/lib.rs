@@ -130,23 +130,38 @@ impl Server {
             .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
     }
 
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(library: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::try_start_with_env(library, args, env)
+            .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
+    }
+
     /// Like [`Server::start`], but returns the exit status and log if the
     /// server exits instead of listening.
     pub fn try_start(library: &Path, args: &[&str]) -> Result<Server, (Option<ExitStatus>, String)> {
+        Self::try_start_with_env(library, args, &[])
+    }
+
+    fn try_start_with_env(
+        library: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, (Option<ExitStatus>, String)> {
         let mut command = Command::new(host_binary());
         command
-            .args(["serve", "--log-format", "text"])
-            .args(if args.contains(&"--port") { &[][..] } else { &["--port", "0"][..] })
+            .arg("serve")
+            .args(defaults_not_in(args, &[("--port", "0"), ("--log-format", "text")]))
             .args(args)
             .arg(library)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (key, _) in std::env::vars() {
-            if key.starts_with("POUNCE_") {
+            if key.starts_with("POUNCE_") || key == "NOTIFY_SOCKET" || key.starts_with("WATCHDOG_") {
                 command.env_remove(key);
             }
         }
+        command.envs(env.iter().copied());
         let mut child = command.spawn().expect("start pounce-host");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr piped");
@@ -245,9 +260,16 @@ impl Drop for Server {
     }
 }
 
-fn listening_addr(logs: &str) -> Option<SocketAddr> {
+/// The `(flag, value)` defaults whose flag `args` does not give.
+fn defaults_not_in<'a>(args: &[&str], defaults: &[(&'a str, &'a str)]) -> Vec<&'a str> {
+    defaults.iter().filter(|(flag, _)| !args.contains(flag)).flat_map(|(flag, value)| [*flag, *value]).collect()
+}
+
+/// The first `listening on http://ADDR` in a log.
+pub fn listening_addr(logs: &str) -> Option<SocketAddr> {
     let start = logs.find("listening on http://")? + "listening on http://".len();
-    logs[start..].split_whitespace().next()?.parse().ok()
+    let is_addr_char = |c: char| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']');
+    logs[start..].split(|c: char| !is_addr_char(c)).next()?.parse().ok()
 }
 
 /// What a test sees of a response.

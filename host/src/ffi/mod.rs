@@ -1,5 +1,5 @@
 //! Everything `unsafe` in the host: opening app libraries, calling through
-//! their C ABI, and the thread-local destructor guard.
+//! their C ABI, the thread-local destructor guard, and the raw clock.
 //!
 //! The rest of the host is safe code that uses three types from here:
 //! [`LoadedApp`] (one opened library with its initialized app), [`AppCall`]
@@ -8,6 +8,7 @@
 //! library's code loaded for as long as the host may call into it.
 
 mod app;
+pub mod clock;
 mod library;
 pub mod tls_guard;
 

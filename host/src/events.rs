@@ -1,0 +1,189 @@
+//! Lifecycle events: one typed value per thing an operator cares about,
+//! emitted in one place that logs it (with its fields, and an `event` field
+//! naming it for JSON consumers), tells systemd, and counts it in the
+//! metrics.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::format_duration;
+use crate::server::{ReloadReport, Server};
+
+pub enum Event<'a> {
+    /// Listening, generation 1 serving.
+    Ready {
+        address: SocketAddr,
+        app: &'a str,
+        app_version: &'a str,
+        load: Duration,
+        init: Duration,
+    },
+    ReloadStarted {
+        generation: u64,
+        serving: u64,
+        source: &'a Path,
+    },
+    /// Loaded and published: new requests go to `generation`.
+    GenerationLoaded {
+        generation: u64,
+        previous: u64,
+        load: Duration,
+        init: Duration,
+        publish: Duration,
+        total: Duration,
+    },
+    ReloadFailed {
+        generation: u64,
+        serving: u64,
+        reason: &'a str,
+        total: Duration,
+    },
+    /// Shutdown began while `generation` was loading; it is not published.
+    ReloadAbandoned {
+        generation: u64,
+    },
+    GenerationDraining {
+        generation: u64,
+        in_flight: usize,
+    },
+    GenerationRetired {
+        generation: u64,
+        drain: Duration,
+        timed_out: bool,
+    },
+    ShutdownStarted {
+        signal: &'a str,
+        connections: usize,
+        timeout: Duration,
+    },
+    ShutdownDrained {
+        took: Duration,
+    },
+    ShutdownTimedOut {
+        took: Duration,
+        connections: usize,
+    },
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+impl Event<'_> {
+    fn log(&self) {
+        match *self {
+            Event::Ready { address, app, app_version, load, init } => tracing::info!(
+                event = "server_ready",
+                generation = 1,
+                app,
+                app_version,
+                load_ms = ms(load),
+                init_ms = ms(init),
+                "listening on http://{address}"
+            ),
+            Event::ReloadStarted { generation, serving, source } => tracing::info!(
+                event = "reload_started",
+                generation,
+                serving,
+                "reload started: loading {}",
+                source.display()
+            ),
+            Event::GenerationLoaded { generation, previous, load, init, publish, total } => tracing::info!(
+                event = "generation_loaded",
+                generation,
+                previous,
+                load_ms = ms(load),
+                init_ms = ms(init),
+                publish_us = publish.as_secs_f64() * 1e6,
+                reload_ms = ms(total),
+                "generation {generation} published; generation {previous} drains"
+            ),
+            Event::ReloadFailed { generation, serving, reason, total } => tracing::error!(
+                event = "reload_failed",
+                generation,
+                serving,
+                reload_ms = ms(total),
+                "reload failed: {reason}; generation {serving} keeps serving"
+            ),
+            Event::ReloadAbandoned { generation } => tracing::info!(
+                event = "reload_abandoned",
+                generation,
+                "shutdown began during the reload; generation {generation} is not published"
+            ),
+            Event::GenerationDraining { generation, in_flight } => {
+                tracing::info!(event = "generation_draining", generation, in_flight, "generation {generation} draining")
+            }
+            Event::GenerationRetired { generation, drain, timed_out } => tracing::info!(
+                event = "generation_retired",
+                generation,
+                drain_ms = ms(drain),
+                timed_out,
+                "generation {generation} retired"
+            ),
+            Event::ShutdownStarted { signal, connections, timeout } => tracing::info!(
+                event = "shutdown_started",
+                signal,
+                connections,
+                "{signal} received: shutting down; open connections get up to {} to finish",
+                format_duration(timeout)
+            ),
+            Event::ShutdownDrained { took } => {
+                tracing::info!(event = "shutdown_drained", shutdown_ms = ms(took), "all connections closed")
+            }
+            Event::ShutdownTimedOut { took, connections } => tracing::warn!(
+                event = "shutdown_timed_out",
+                shutdown_ms = ms(took),
+                connections,
+                "shutdown_timeout reached; closing the remaining connections"
+            ),
+        }
+    }
+}
+
+impl Server {
+    /// Logs `event`, tells systemd, counts it, and keeps the last reload's
+    /// outcome for the health endpoint.
+    pub fn emit(&self, event: Event<'_>) {
+        event.log();
+        match event {
+            Event::GenerationLoaded { generation, total, .. } => {
+                self.record_reload(report("ok", generation, None, total));
+                self.count(|m| m.reload(true, total));
+            }
+            Event::ReloadFailed { serving, reason, total, .. } => {
+                self.record_reload(report("failed", serving, Some(reason.to_owned()), total));
+                self.count(|m| m.reload(false, total));
+            }
+            Event::GenerationRetired { drain, timed_out, .. } => self.count(|m| m.drained(drain, timed_out)),
+            _ => {}
+        }
+        self.tell_systemd(&event);
+    }
+
+    fn tell_systemd(&self, event: &Event<'_>) {
+        let Some(systemd) = &self.systemd else { return };
+        match *event {
+            Event::Ready { address, .. } => systemd.ready(&format!("serving generation 1 on {address}")),
+            Event::ReloadStarted { generation, .. } => {
+                systemd.reloading(&format!("reloading into generation {generation}"))
+            }
+            Event::GenerationLoaded { generation, total, .. } => systemd.ready(&format!(
+                "serving generation {generation}; last reload ok in {:.1} ms; {} requests in flight",
+                ms(total),
+                self.snapshot().in_flight
+            )),
+            Event::ReloadFailed { serving, reason, .. } => {
+                systemd.ready(&format!("reload failed, still serving generation {serving}: {reason}"))
+            }
+            Event::ShutdownStarted { signal, connections, .. } => {
+                systemd.stopping(&format!("shutting down ({signal}); {connections} connections open"))
+            }
+            _ => {}
+        }
+    }
+}
+
+fn report(outcome: &'static str, generation: u64, error: Option<String>, duration: Duration) -> ReloadReport {
+    ReloadReport { outcome, generation, error, duration_ms: ms(duration), seconds_ago: 0.0, at: Some(Instant::now()) }
+}
