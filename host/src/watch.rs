@@ -137,8 +137,9 @@ impl Filter {
     }
 }
 
-/// Files editors write next to the one being saved.
-fn is_editor_temp(name: &str) -> bool {
+/// Files editors write next to the one being saved (also used by
+/// `cargo xtask dev`).
+pub fn is_editor_temp(name: &str) -> bool {
     name.ends_with('~')
         || name.starts_with(".#")
         || (name.starts_with('#') && name.ends_with('#'))
