@@ -1,0 +1,507 @@
+//! `cargo xtask bench`: pounce-host serving the sample app against a plain
+//! hyper server with the same handler compiled in (bench/baseline), on one
+//! machine, in one run. See `USAGE` for what it measures.
+//!
+//! Modules: `procs` (processes, pinning, cleanup), `wrk` (throughput),
+//! `loadgen` (fixed-rate latency), `reload` (the reload storm), `memory`
+//! (RSS and mapped copies across reloads), `criterion` (the request-path
+//! micro-benchmark), `report` (figures, targets, Markdown).
+
+mod criterion;
+mod loadgen;
+mod memory;
+mod procs;
+mod reload;
+mod report;
+mod wrk;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+
+use procs::{Binaries, Kind, Pinning, Server};
+use report::{Comparison, Latency, Machine, Report, Throughput};
+
+const USAGE: &str = "\
+usage: cargo xtask bench [--quick] [--duration SECS] [--runs N] [--rate REQ_PER_SEC]
+                         [--no-criterion] [--out FILE]
+
+Builds pounce-host, the sample app and the baseline (bench/baseline, a plain
+hyper server with the same handler compiled in) in release mode, then, with
+the server pinned to one core and the load generator to another:
+
+  1. keep-alive throughput (wrk -t1 -c64), baseline and pounce-host
+     alternating, --runs times each: medians and the ratio pounce/baseline
+  2. the same with a new connection per request (Connection: close)
+  3. latency at a fixed rate (default 30% of the baseline's keep-alive
+     throughput) with coordinated-omission correction: p50, p99, p99.9
+  4. a reload storm: 100 SIGHUPs at 10/s under keep-alive load; failures,
+     throughput and p99 against steady state, reload durations
+  5. memory: RSS and app copies mapped after 100 and 1000 reloads
+  6. the criterion micro-benchmark host/benches/request_path.rs
+
+It prints the results and writes them to bench/results/latest.md.
+
+  --quick          short runs (about 2 minutes in all; less precise)
+  --duration SECS  throughput run length (default 5); the latency runs take
+                   twice that, the storm SECS + 7 (100 reloads at default)
+  --runs N         alternations of baseline and pounce-host (default 3)
+  --rate R         fixed rate of the latency runs, requests per second
+  --no-criterion   skip the criterion micro-benchmark
+  --out FILE       write the Markdown there instead of bench/results/latest.md
+
+Needs wrk (apt-get install wrk) for throughput; without it those figures
+are skipped and the storm uses the fixed-rate generator as load.
+";
+
+/// Everything a run does, with its durations. `cargo xtask bench` fills it
+/// from flags; the smoke test uses tiny values.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub release: bool,
+    pub throughput_secs: u64,
+    pub warmup_secs: u64,
+    pub runs: usize,
+    pub latency_secs: u64,
+    pub rate: Option<f64>,
+    /// The latency rate as a fraction of the baseline's keep-alive throughput.
+    pub rate_fraction: f64,
+    /// Used when no throughput was measured and no --rate given.
+    pub fallback_rate: f64,
+    pub latency_connections: usize,
+    pub storm_secs: u64,
+    pub storm_signals: usize,
+    pub storm_interval: Duration,
+    pub memory_checkpoints: Vec<usize>,
+    pub criterion: criterion::Mode,
+    pub out: Option<PathBuf>,
+    pub command: String,
+}
+
+impl Settings {
+    fn with_duration(seconds: u64) -> Settings {
+        let storm_secs = seconds + 7;
+        Settings {
+            release: true,
+            throughput_secs: seconds,
+            warmup_secs: 1,
+            runs: 3,
+            latency_secs: seconds * 2,
+            rate: None,
+            rate_fraction: 0.3,
+            fallback_rate: 2000.0,
+            latency_connections: 32,
+            storm_secs,
+            // 10 per second, leaving a second of steady load at each end.
+            storm_signals: usize::try_from((storm_secs.saturating_sub(2)) * 10).unwrap_or(100).min(100),
+            storm_interval: Duration::from_millis(100),
+            memory_checkpoints: vec![100, 1000],
+            criterion: criterion::Mode::Measure { warm_up: 1.0, measurement: 3.0 },
+            out: Some(procs::workspace().join("bench/results/latest.md")),
+            command: "cargo xtask bench".to_owned(),
+        }
+    }
+
+    fn quick() -> Settings {
+        Settings {
+            runs: 2,
+            latency_secs: 4,
+            memory_checkpoints: vec![100, 300],
+            criterion: criterion::Mode::Measure { warm_up: 0.5, measurement: 1.0 },
+            ..Settings::with_duration(2)
+        }
+    }
+
+    pub fn from_args(args: &[String]) -> Result<Option<Settings>> {
+        if args.iter().any(|a| a == "-h" || a == "--help") {
+            print!("{USAGE}");
+            return Ok(None);
+        }
+        let mut settings =
+            if args.iter().any(|a| a == "--quick") { Settings::quick() } else { Settings::with_duration(5) };
+        let mut iter = args.iter();
+        while let Some(flag) = iter.next() {
+            let mut value = || iter.next().with_context(|| format!("{flag} needs a value\n\n{USAGE}"));
+            match flag.as_str() {
+                "--quick" => {}
+                "--duration" => {
+                    let seconds: u64 = value()?.parse().context("--duration: a whole number of seconds")?;
+                    if !(1..=600).contains(&seconds) {
+                        bail!("--duration: between 1 and 600 seconds");
+                    }
+                    let quick = std::mem::replace(&mut settings, Settings::with_duration(seconds));
+                    settings.runs = quick.runs;
+                    settings.criterion = quick.criterion;
+                    settings.memory_checkpoints = quick.memory_checkpoints;
+                }
+                "--runs" => {
+                    settings.runs = value()?.parse().context("--runs: a number")?;
+                    if !(1..=20).contains(&settings.runs) {
+                        bail!("--runs: between 1 and 20");
+                    }
+                }
+                "--rate" => {
+                    let rate: f64 = value()?.parse().context("--rate: requests per second")?;
+                    if !(1.0..=1e6).contains(&rate) {
+                        bail!("--rate: between 1 and 1000000");
+                    }
+                    settings.rate = Some(rate);
+                }
+                "--no-criterion" => settings.criterion = criterion::Mode::Off,
+                "--out" => settings.out = Some(PathBuf::from(value()?)),
+                other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+            }
+        }
+        settings.command = std::iter::once("cargo xtask bench".to_owned())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Some(settings))
+    }
+}
+
+/// `cargo xtask bench ARGS`.
+pub fn main(args: Vec<String>) -> Result<()> {
+    let Some(settings) = Settings::from_args(&args)? else { return Ok(()) };
+    if cfg!(debug_assertions) && std::env::var_os(RELEASE_MARK).is_none() {
+        return exec_release(&args);
+    }
+    procs::install_interrupt_handler();
+    let report = run(&settings)?;
+    let markdown = report.to_markdown();
+    println!("\n{markdown}");
+    if let Some(out) = &settings.out {
+        write_report(out, &markdown)?;
+        eprintln!("written to {}", out.display());
+    }
+    let missed = report.missed();
+    if !missed.is_empty() {
+        eprintln!("targets missed: {}", missed.iter().map(|t| t.figure.as_str()).collect::<Vec<_>>().join("; "));
+    }
+    Ok(())
+}
+
+/// Set in the environment of the release xtask that [`exec_release`] runs.
+const RELEASE_MARK: &str = "XTASK_BENCH_RELEASE";
+
+/// `cargo xtask` builds xtask in debug mode, but the latency generator runs
+/// inside xtask and must not be the slow side: build xtask in release mode
+/// and replace this process with it.
+fn exec_release(args: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    step("building xtask in release mode (the latency generator runs in it)");
+    let status = procs::cargo().args(["build", "--quiet", "--release", "-p", "xtask"]).status()?;
+    if !status.success() {
+        bail!("cargo build --release -p xtask failed ({status})");
+    }
+    let release = procs::target_dir().join("release/xtask");
+    let error = std::process::Command::new(&release).arg("bench").args(args).env(RELEASE_MARK, "1").exec();
+    Err(error).with_context(|| format!("cannot run {}", release.display()))
+}
+
+fn write_report(path: &Path, markdown: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, markdown).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn step(text: &str) {
+    eprintln!("==> {text}");
+}
+
+/// Runs every measurement `settings` asks for.
+pub fn run(settings: &Settings) -> Result<Report> {
+    let mut notes = Vec::new();
+    step(&format!("building ({})", if settings.release { "release" } else { "debug" }));
+    let binaries = procs::build(settings.release)?;
+    let machine = Machine::detect();
+    let pinning = Pinning::detect();
+    step(&format!("placement: {}", pinning.description));
+    let wrk = wrk::find();
+    if wrk.is_none() {
+        eprintln!("warning: {}; skipping the throughput figures", wrk::INSTALL_HINT);
+        notes.push(format!("{}; throughput figures skipped, storm load is the fixed-rate generator.", wrk::INSTALL_HINT));
+    }
+
+    let throughput = match &wrk {
+        Some(wrk) => Some(Throughput {
+            seconds: settings.throughput_secs,
+            keep_alive: compare(wrk, &binaries, &pinning, settings, wrk::Mode::KeepAlive)?,
+            close: compare(wrk, &binaries, &pinning, settings, wrk::Mode::Close)?,
+        }),
+        None => None,
+    };
+
+    let (rate, rate_source) = match (settings.rate, &throughput) {
+        (Some(rate), _) => (rate, "given with --rate".to_owned()),
+        (None, Some(t)) if t.keep_alive.baseline_rps() > 0.0 => (
+            (t.keep_alive.baseline_rps() * settings.rate_fraction).round(),
+            format!(
+                "{:.0}% of the baseline's median keep-alive throughput of {:.0} req/s",
+                settings.rate_fraction * 100.0,
+                t.keep_alive.baseline_rps()
+            ),
+        ),
+        _ => (settings.fallback_rate, "fixed fallback: no throughput was measured".to_owned()),
+    };
+    let latency = latency(&binaries, &pinning, settings, rate, rate_source)?;
+
+    step(&format!(
+        "reload storm: {} s steady, then {} s with {} SIGHUPs every {} ms",
+        settings.storm_secs,
+        settings.storm_secs,
+        settings.storm_signals,
+        settings.storm_interval.as_millis()
+    ));
+    let storm = {
+        let server = Server::start(Kind::Pounce, &binaries, &pinning)?;
+        warm_up(wrk.as_deref(), &pinning, &server, settings)?;
+        reload::storm(
+            &server,
+            &reload::StormPlan {
+                wrk: wrk.as_deref(),
+                pinning: &pinning,
+                seconds: settings.storm_secs,
+                signals: settings.storm_signals,
+                interval: settings.storm_interval,
+                fallback_rate: rate,
+                connections: settings.latency_connections,
+            },
+        )?
+    };
+
+    step(&format!("memory: reloads one at a time up to {:?}", settings.memory_checkpoints));
+    let memory = {
+        let server = Server::start(Kind::Pounce, &binaries, &pinning)?;
+        memory::run(&server, &settings.memory_checkpoints)?
+    };
+
+    step("criterion: host/benches/request_path.rs");
+    let criterion = criterion::run(settings.criterion, &binaries.app)?;
+    if settings.criterion == criterion::Mode::Off {
+        notes.push("The criterion micro-benchmark was skipped (--no-criterion).".to_owned());
+    }
+
+    Ok(Report {
+        command: settings.command.clone(),
+        machine,
+        pinning: pinning.description.clone(),
+        profile: binaries.profile.to_owned(),
+        throughput,
+        latency,
+        storm,
+        storm_seconds: settings.storm_secs,
+        memory,
+        criterion,
+        notes,
+    })
+}
+
+/// The order of the servers in alternation `round`: ABBA, so that a drift
+/// of the machine over the run does not favour either.
+fn order(round: usize) -> [Kind; 2] {
+    if round % 2 == 0 {
+        [Kind::Baseline, Kind::Pounce]
+    } else {
+        [Kind::Pounce, Kind::Baseline]
+    }
+}
+
+fn warm_up(wrk: Option<&Path>, pinning: &Pinning, server: &Server, settings: &Settings) -> Result<()> {
+    if let (Some(wrk), true) = (wrk, settings.warmup_secs > 0) {
+        wrk::run(wrk, pinning, &server.url(), settings.warmup_secs, wrk::Mode::KeepAlive)?;
+    }
+    Ok(())
+}
+
+fn compare(wrk: &Path, binaries: &Binaries, pinning: &Pinning, settings: &Settings, mode: wrk::Mode) -> Result<Comparison> {
+    let mut comparison = Comparison::default();
+    for round in 0..settings.runs {
+        for kind in order(round) {
+            step(&format!(
+                "throughput {mode:?}, run {}/{}: {} for {} s",
+                round + 1,
+                settings.runs,
+                kind.label(),
+                settings.throughput_secs
+            ));
+            let server = Server::start(kind, binaries, pinning)?;
+            warm_up(Some(wrk), pinning, &server, settings)?;
+            let result = wrk::run(wrk, pinning, &server.url(), settings.throughput_secs, mode)?;
+            eprintln!("    {:.0} req/s, p99 {:.0} µs, failures {}", result.requests_per_sec, result.p99_us, result.failures());
+            match kind {
+                Kind::Baseline => comparison.baseline.push(result),
+                Kind::Pounce => comparison.pounce.push(result),
+            }
+        }
+    }
+    Ok(comparison)
+}
+
+fn latency(
+    binaries: &Binaries,
+    pinning: &Pinning,
+    settings: &Settings,
+    rate: f64,
+    rate_source: String,
+) -> Result<Latency> {
+    let mut latency = Latency {
+        rate,
+        rate_source,
+        seconds: settings.latency_secs,
+        connections: settings.latency_connections,
+        ..Latency::default()
+    };
+    for round in 0..settings.runs {
+        for kind in order(round) {
+            step(&format!(
+                "latency at {rate:.0} req/s, run {}/{}: {} for {} s",
+                round + 1,
+                settings.runs,
+                kind.label(),
+                settings.latency_secs
+            ));
+            let server = Server::start(kind, binaries, pinning)?;
+            let plan = |seconds: u64| loadgen::Plan {
+                addr: server.addr,
+                path: "/".to_owned(),
+                rate,
+                duration: Duration::from_secs(seconds),
+                connections: settings.latency_connections,
+                cpu: pinning.load_cpu,
+            };
+            if settings.warmup_secs > 0 {
+                loadgen::run(plan(settings.warmup_secs))?;
+            }
+            let result = loadgen::run(plan(settings.latency_secs))?;
+            eprintln!(
+                "    p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, failures {}",
+                result.p50_us,
+                result.p99_us,
+                result.p999_us,
+                result.failures()
+            );
+            match kind {
+                Kind::Baseline => latency.baseline.push(result),
+                Kind::Pounce => latency.pounce.push(result),
+            }
+        }
+    }
+    Ok(latency)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn default_settings_match_the_issue() {
+        let settings = Settings::from_args(&[]).unwrap().unwrap();
+        assert_eq!(settings.throughput_secs, 5);
+        assert_eq!(settings.runs, 3);
+        assert_eq!(settings.latency_secs, 10);
+        assert_eq!(settings.storm_secs, 12);
+        assert_eq!(settings.storm_signals, 100);
+        assert_eq!(settings.memory_checkpoints, [100, 1000]);
+        assert!(settings.release);
+    }
+
+    #[test]
+    fn flags_change_the_settings() {
+        let settings = Settings::from_args(&args("--duration 2 --runs 5 --rate 1000 --no-criterion --out x.md"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(settings.throughput_secs, 2);
+        assert_eq!(settings.latency_secs, 4);
+        assert_eq!(settings.storm_secs, 9);
+        assert_eq!(settings.storm_signals, 70);
+        assert_eq!(settings.runs, 5);
+        assert_eq!(settings.rate, Some(1000.0));
+        assert_eq!(settings.criterion, criterion::Mode::Off);
+        assert_eq!(settings.out, Some(PathBuf::from("x.md")));
+        assert_eq!(settings.command, "cargo xtask bench --duration 2 --runs 5 --rate 1000 --no-criterion --out x.md");
+
+        let quick = Settings::from_args(&args("--quick")).unwrap().unwrap();
+        assert!(quick.throughput_secs < 5 && quick.runs < 3);
+        assert!(Settings::from_args(&args("--bogus")).is_err());
+        assert!(Settings::from_args(&args("--duration")).is_err());
+        assert!(Settings::from_args(&args("--duration 0")).is_err());
+        assert!(Settings::from_args(&args("--help")).unwrap().is_none());
+    }
+
+    #[test]
+    fn servers_alternate_abba() {
+        let sequence: Vec<Kind> = (0..2).flat_map(order).collect();
+        assert_eq!(sequence, [Kind::Baseline, Kind::Pounce, Kind::Pounce, Kind::Baseline]);
+    }
+
+    /// Runs every code path of `cargo xtask bench` with tiny durations on
+    /// debug builds: it asserts that each figure was produced, not what it
+    /// is (the machine may be busy with other tests).
+    #[test]
+    fn bench_smoke() {
+        let settings = Settings {
+            release: false,
+            throughput_secs: 1,
+            warmup_secs: 0,
+            runs: 1,
+            latency_secs: 1,
+            rate: None,
+            rate_fraction: 0.3,
+            fallback_rate: 500.0,
+            latency_connections: 4,
+            storm_secs: 2,
+            storm_signals: 3,
+            storm_interval: Duration::from_millis(100),
+            memory_checkpoints: vec![1, 3],
+            criterion: criterion::Mode::Check,
+            out: None,
+            command: "bench smoke test".to_owned(),
+        };
+        if wrk::find().is_none() {
+            eprintln!("bench_smoke: {}; the wrk-based parts are skipped", wrk::INSTALL_HINT);
+        }
+        let report = run(&settings).expect("the bench runs");
+
+        if let Some(throughput) = &report.throughput {
+            for comparison in [&throughput.keep_alive, &throughput.close] {
+                assert_eq!((comparison.baseline.len(), comparison.pounce.len()), (1, 1));
+                assert!(comparison.ratio().is_finite() && comparison.ratio() > 0.0, "{comparison:?}");
+            }
+        }
+        let latency = &report.latency;
+        assert!(latency.rate > 0.0);
+        for run in latency.baseline.iter().chain(&latency.pounce) {
+            assert!(run.ok > 0 && run.p50_us > 0.0 && run.p99_us >= run.p50_us, "{run:?}");
+        }
+        assert!(latency.p99_ratio().is_finite());
+
+        let storm = &report.storm;
+        assert_eq!(storm.signals, 3);
+        assert!(storm.published >= 1 && storm.reload_ms.iter().all(|ms| *ms > 0.0), "{storm:?}");
+        assert!(report.storm_ratios().0.is_finite(), "{storm:?}");
+
+        let reloads: Vec<usize> = report.memory.points.iter().map(|p| p.reloads).collect();
+        assert_eq!(reloads, [0, 1, 3]);
+        assert_eq!(report.memory.reload_ms.len(), 3);
+        assert!(report.memory.points.iter().all(|p| p.rss_kib > 0 && p.mapped_copies >= 1), "{:?}", report.memory);
+
+        let names: Vec<&str> = report.criterion.iter().map(|e| e.name.as_str()).collect();
+        for name in ["request_path/lease", "request_path/baseline_loopback", "request_path/pounce_loopback"] {
+            assert!(names.contains(&name), "criterion ran {names:?}");
+        }
+
+        let markdown = report.to_markdown();
+        for heading in ["## Machine", "## Summary", "## 3. Latency", "## 4. Reload under load", "## 5. Memory", "## 6."] {
+            assert!(markdown.contains(heading), "no {heading:?} in:\n{markdown}");
+        }
+        assert_eq!(report.targets().len(), 6);
+    }
+}
+

@@ -1,0 +1,506 @@
+//! Processes the benchmark starts: the servers and wrk. Every wait is
+//! bounded, and every process is ended when its handle is dropped (also on
+//! a panic or an error); a process whose parent dies is killed by the kernel
+//! (`PR_SET_PDEATHSIG`), so even a `kill -9` of xtask leaves nothing behind.
+//! Ctrl-C sets a flag that the loops check, so they stop and clean up.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes Ctrl-C (SIGINT) and SIGTERM stop the benchmark cleanly instead of
+/// killing xtask with its children still running.
+pub fn install_interrupt_handler() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+pub fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps `duration` in small steps, returning early with an error on Ctrl-C.
+pub fn sleep(duration: Duration) -> Result<()> {
+    sleep_until(Instant::now() + duration)
+}
+
+pub fn sleep_until(deadline: Instant) -> Result<()> {
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(());
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(20)));
+    }
+}
+
+/// The program `name` on `PATH`, if any.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// Which CPUs the server and the load generator run on.
+#[derive(Clone, Debug)]
+pub struct Pinning {
+    /// `taskset`, when pinning is possible.
+    taskset: Option<PathBuf>,
+    pub server_cpu: Option<usize>,
+    pub load_cpu: Option<usize>,
+    /// How the processes were placed, for the report.
+    pub description: String,
+}
+
+impl Pinning {
+    /// Server on the first CPU this process may use, load on the second, if
+    /// there are two and `taskset` exists; otherwise no pinning (said so).
+    pub fn detect() -> Pinning {
+        let cpus = allowed_cpus();
+        let taskset = find_program("taskset");
+        match (&cpus[..], taskset) {
+            ([server, load, ..], Some(taskset)) => Pinning {
+                taskset: Some(taskset),
+                server_cpu: Some(*server),
+                load_cpu: Some(*load),
+                description: format!(
+                    "server on CPU {server}, load generator on CPU {load} (`taskset -c`; {} CPUs available)",
+                    cpus.len()
+                ),
+            },
+            (_, taskset) => Pinning {
+                taskset: None,
+                server_cpu: None,
+                load_cpu: None,
+                description: if cpus.len() < 2 {
+                    format!("not pinned: only {} CPU available, server and load share it", cpus.len())
+                } else if taskset.is_none() {
+                    "not pinned: `taskset` not found (apt-get install util-linux)".to_owned()
+                } else {
+                    "not pinned".to_owned()
+                },
+            },
+        }
+    }
+
+    /// A command that runs `program` on `cpu` (through `taskset`), or
+    /// unpinned when pinning is off. `taskset` execs the program, so the pid
+    /// is the program's.
+    pub fn command(&self, cpu: Option<usize>, program: &Path) -> Command {
+        match (&self.taskset, cpu) {
+            (Some(taskset), Some(cpu)) => {
+                let mut command = Command::new(taskset);
+                command.arg("-c").arg(cpu.to_string()).arg(program);
+                command
+            }
+            _ => Command::new(program),
+        }
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; pid 0 is the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        bail!("cannot pin the load generator to CPU {cpu}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Lines a process wrote to one of its pipes, as they arrive.
+#[derive(Default)]
+pub struct Lines {
+    state: Mutex<LinesState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct LinesState {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+impl Lines {
+    fn state(&self) -> MutexGuard<'_, LinesState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn collect(self: Arc<Self>, pipe: impl Read + Send + 'static) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                self.state().lines.push(line);
+                self.changed.notify_all();
+            }
+            self.state().closed = true;
+            self.changed.notify_all();
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.state().lines.len()
+    }
+
+    pub fn text(&self) -> String {
+        self.state().lines.join("\n")
+    }
+
+    /// The lines from index `from` on.
+    pub fn since(&self, from: usize) -> Vec<String> {
+        let state = self.state();
+        state.lines.get(from..).map(<[String]>::to_vec).unwrap_or_default()
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.state().lines.iter().filter(|line| line.contains(needle)).count()
+    }
+
+    /// Waits (at most `timeout`) for a line at index `from` or later for
+    /// which `found` returns something; returns it and the index after it.
+    pub fn wait_for<T>(
+        &self,
+        from: usize,
+        timeout: Duration,
+        mut found: impl FnMut(&str) -> Option<T>,
+    ) -> Option<(T, usize)> {
+        let deadline = Instant::now() + timeout;
+        let mut next = from;
+        let mut state = self.state();
+        loop {
+            while next < state.lines.len() {
+                next += 1;
+                if let Some(value) = found(&state.lines[next - 1]) {
+                    return Some((value, next));
+                }
+            }
+            let now = Instant::now();
+            if state.closed || now >= deadline || interrupted() {
+                return None;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(50));
+            state = self.changed.wait_timeout(state, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// A child process, ended when dropped: SIGTERM, a bounded wait, SIGKILL.
+pub struct Proc {
+    name: String,
+    child: Child,
+    pub stdout: Arc<Lines>,
+    pub stderr: Arc<Lines>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Starts `command` with stdin closed and stdout and stderr collected.
+    pub fn spawn(name: &str, mut command: Command) -> Result<Proc> {
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; nothing else runs in the child
+        // between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().with_context(|| format!("cannot start {name} ({command:?})"))?;
+        let stdout = Arc::new(Lines::default());
+        let stderr = Arc::new(Lines::default());
+        if let Some(pipe) = child.stdout.take() {
+            stdout.clone().collect(pipe);
+        }
+        if let Some(pipe) = child.stderr.take() {
+            stderr.clone().collect(pipe);
+        }
+        Ok(Proc { name: name.to_owned(), child, stdout, stderr, status: None })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        // SAFETY: kill(2) on our own child, which we have not reaped yet.
+        if unsafe { libc::kill(self.pid(), signal) } != 0 {
+            bail!("cannot signal {} (pid {}): {}", self.name, self.pid(), std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits for the process to exit, at most `timeout`; past it (or on
+    /// Ctrl-C) the process is killed and this is an error.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                // Let the readers take in the last lines.
+                let _ = self.stdout.wait_for(usize::MAX, Duration::from_millis(500), |_| Some(()));
+                let _ = self.stderr.wait_for(usize::MAX, Duration::from_millis(500), |_| Some(()));
+                return Ok(status);
+            }
+            if interrupted() {
+                self.stop();
+                bail!("interrupted");
+            }
+            if Instant::now() >= deadline {
+                self.stop();
+                bail!("{} did not finish within {timeout:?}; killed it", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Ends the process: SIGTERM, up to 5 s to exit, then SIGKILL.
+    pub fn stop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        let _ = self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        self.status = self.child.wait().ok();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+        // A pounce-host killed before it could clean up leaves its (empty)
+        // staging directory behind.
+        let prefix = format!("pounce-host-{}-", self.child.id());
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+}
+
+/// Which server a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Baseline,
+    Pounce,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Baseline => "baseline",
+            Kind::Pounce => "pounce-host",
+        }
+    }
+}
+
+/// The binaries under test.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub host: PathBuf,
+    pub app: PathBuf,
+    pub baseline: PathBuf,
+    pub profile: &'static str,
+}
+
+/// The workspace root (xtask's parent directory).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
+}
+
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace());
+    // The sample app must be the default build, whatever the shell has set.
+    command.env_remove("SAMPLE_GREETING");
+    command
+}
+
+/// Builds pounce-host, the sample app and the baseline (release or debug).
+pub fn build(release: bool) -> Result<Binaries> {
+    let mut command = cargo();
+    command.args(["build", "--quiet", "-p", "pounce-host", "-p", "sample-app", "-p", "pounce-bench-baseline"]);
+    if release {
+        command.arg("--release");
+    }
+    let status = command.status().context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    let profile = if release { "release" } else { "debug" };
+    let dir = target_dir().join(profile);
+    let binaries = Binaries {
+        host: dir.join("pounce-host"),
+        app: dir.join("libsample_app.so"),
+        baseline: dir.join("pounce-baseline"),
+        profile,
+    };
+    for path in [&binaries.host, &binaries.app, &binaries.baseline] {
+        if !path.exists() {
+            bail!("{} is missing after the build", path.display());
+        }
+    }
+    Ok(binaries)
+}
+
+/// How long a server may take to print its `listening on` line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running server under test.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Server {
+    /// Starts the server on the server CPU and waits for its
+    /// `listening on http://ADDR` line.
+    pub fn start(kind: Kind, binaries: &Binaries, pinning: &Pinning) -> Result<Server> {
+        let mut command = match kind {
+            Kind::Pounce => {
+                let mut command = pinning.command(pinning.server_cpu, &binaries.host);
+                command
+                    .args(["serve", "--port", "0", "--log-format", "text", "--workers", "1"])
+                    .arg(&binaries.app);
+                command
+            }
+            Kind::Baseline => {
+                let mut command = pinning.command(pinning.server_cpu, &binaries.baseline);
+                command.args(["--port", "0", "--workers", "1"]);
+                command
+            }
+        };
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("POUNCE_") {
+                command.env_remove(key);
+            }
+        }
+        let mut proc = Proc::spawn(kind.label(), command)?;
+        let found = proc.stderr.wait_for(0, START_TIMEOUT, listening_addr);
+        match found {
+            Some((addr, _)) => Ok(Server { addr, proc }),
+            None => {
+                check_interrupted()?;
+                let status = proc.exited();
+                proc.stop();
+                Err(anyhow!(
+                    "{} did not start within {START_TIMEOUT:?} (exit status {status:?}); its log:\n{}",
+                    kind.label(),
+                    proc.stderr.text()
+                ))
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+}
+
+/// The address in a `listening on http://ADDR` log line.
+pub fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on http://")? + "listening on http://".len()..];
+    let end = rest.find(|c: char| c.is_whitespace() || c == '/').unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_listening_address_in_both_log_styles() {
+        let host = "2026-11-24T23:39:16.779623Z  INFO pounce_host::run: listening on http://127.0.0.1:45675 generation=1 app=sample-app";
+        assert_eq!(listening_addr(host), Some("127.0.0.1:45675".parse().unwrap()));
+        assert_eq!(listening_addr("listening on http://127.0.0.1:8000"), Some("127.0.0.1:8000".parse().unwrap()));
+        assert_eq!(listening_addr("listening on http://[::1]:8000/"), Some("[::1]:8000".parse().unwrap()));
+        assert_eq!(listening_addr("something else"), None);
+    }
+
+    #[test]
+    fn a_process_is_waited_for_with_a_bound_and_its_output_collected() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo out; echo err >&2"]);
+        let mut proc = Proc::spawn("sh", command).unwrap();
+        assert!(proc.wait(Duration::from_secs(10)).unwrap().success());
+        assert_eq!(proc.stdout.text(), "out");
+        assert_eq!(proc.stderr.text(), "err");
+
+        let mut command = Command::new("sleep");
+        command.arg("30");
+        let mut proc = Proc::spawn("sleep", command).unwrap();
+        let started = Instant::now();
+        assert!(proc.wait(Duration::from_millis(100)).is_err());
+        assert!(proc.exited().is_some(), "killed after the timeout");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

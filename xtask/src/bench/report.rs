@@ -1,0 +1,572 @@
+//! The results: machine information, the figures, the targets, and the
+//! Markdown written to bench/results/latest.md.
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::criterion::Estimate;
+use super::loadgen::LatencyResult;
+use super::memory::MemoryResult;
+use super::reload::{StormLoad, StormResult};
+use super::wrk::WrkResult;
+
+/// Where the numbers were taken.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub cpu: String,
+    pub cpus: usize,
+    pub kernel: String,
+    pub rustc: String,
+    pub date: String,
+    pub commit: String,
+}
+
+impl Machine {
+    pub fn detect() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|line| line.starts_with("model name"))
+            .and_then(|line| line.split_once(':'))
+            .map_or_else(|| "unknown".to_owned(), |(_, model)| model.trim().to_owned());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".to_owned(), |text| format!("Linux {}", text.trim()));
+        let rustc = output_of(Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into())).arg("-V"));
+        let head = output_of(Command::new("git").args(["rev-parse", "--short", "HEAD"]));
+        let dirty = !output_of(Command::new("git").args(["status", "--porcelain", "--untracked-files=no"])).is_empty();
+        Machine {
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel,
+            rustc: if rustc.is_empty() { "unknown".to_owned() } else { rustc },
+            date: utc_now(),
+            commit: match (head.is_empty(), dirty) {
+                (true, _) => "unknown".to_owned(),
+                (false, true) => format!("{head} with uncommitted changes in the work tree"),
+                (false, false) => head,
+            },
+        }
+    }
+}
+
+fn output_of(command: &mut Command) -> String {
+    command
+        .current_dir(super::procs::workspace())
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc_now() -> String {
+    let seconds = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format_utc(seconds)
+}
+
+fn format_utc(seconds: u64) -> String {
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+/// The median (mean of the middle two for an even count); 0 when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 0 {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+/// The `q` quantile (nearest rank) of `values`; 0 when empty.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ratio(numerator: f64, denominator: f64) -> f64 {
+    if denominator > 0.0 {
+        numerator / denominator
+    } else {
+        f64::NAN
+    }
+}
+
+/// wrk runs of both servers, in the order they ran (alternating).
+#[derive(Clone, Debug, Default)]
+pub struct Comparison {
+    pub baseline: Vec<WrkResult>,
+    pub pounce: Vec<WrkResult>,
+}
+
+impl Comparison {
+    pub fn baseline_rps(&self) -> f64 {
+        median(&self.baseline.iter().map(|r| r.requests_per_sec).collect::<Vec<_>>())
+    }
+
+    pub fn pounce_rps(&self) -> f64 {
+        median(&self.pounce.iter().map(|r| r.requests_per_sec).collect::<Vec<_>>())
+    }
+
+    pub fn ratio(&self) -> f64 {
+        ratio(self.pounce_rps(), self.baseline_rps())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Throughput {
+    pub seconds: u64,
+    pub keep_alive: Comparison,
+    pub close: Comparison,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Latency {
+    pub rate: f64,
+    /// How the rate was chosen.
+    pub rate_source: String,
+    pub seconds: u64,
+    pub connections: usize,
+    pub baseline: Vec<LatencyResult>,
+    pub pounce: Vec<LatencyResult>,
+}
+
+fn medians(runs: &[LatencyResult]) -> [f64; 4] {
+    let of = |f: fn(&LatencyResult) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    [of(|r| r.p50_us), of(|r| r.p99_us), of(|r| r.p999_us), of(|r| r.max_us)]
+}
+
+impl Latency {
+    pub fn baseline_medians(&self) -> [f64; 4] {
+        medians(&self.baseline)
+    }
+
+    pub fn pounce_medians(&self) -> [f64; 4] {
+        medians(&self.pounce)
+    }
+
+    pub fn p99_ratio(&self) -> f64 {
+        ratio(self.pounce_medians()[1], self.baseline_medians()[1])
+    }
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub command: String,
+    pub machine: Machine,
+    pub pinning: String,
+    pub profile: String,
+    /// `None` when wrk is not installed.
+    pub throughput: Option<Throughput>,
+    pub latency: Latency,
+    pub storm: StormResult,
+    pub storm_seconds: u64,
+    pub memory: MemoryResult,
+    pub criterion: Vec<Estimate>,
+    pub notes: Vec<String>,
+}
+
+/// One row of the summary table.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub figure: String,
+    pub measured: String,
+    pub target: String,
+    /// `None`: not measured in this run.
+    pub met: Option<bool>,
+}
+
+impl Report {
+    /// Storm p99 / steady p99 and storm / steady throughput (wrk's p99 under
+    /// wrk; the fixed-rate p99 without wrk).
+    pub fn storm_ratios(&self) -> (f64, f64) {
+        match &self.storm.load {
+            StormLoad::Wrk { steady, storm } => {
+                (ratio(storm.p99_us, steady.p99_us), ratio(storm.requests_per_sec, steady.requests_per_sec))
+            }
+            StormLoad::FixedRate { steady, storm } => (ratio(storm.p99_us, steady.p99_us), f64::NAN),
+        }
+    }
+
+    pub fn storm_failures(&self) -> u64 {
+        match &self.storm.load {
+            StormLoad::Wrk { steady, storm } => steady.failures() + storm.failures(),
+            StormLoad::FixedRate { steady, storm } => steady.failures() + storm.failures(),
+        }
+    }
+
+    /// Copies mapped beyond the one live generation, at the last checkpoint.
+    pub fn extra_copies(&self) -> usize {
+        self.memory.points.last().map_or(0, |p| p.mapped_copies.saturating_sub(1))
+    }
+
+    /// RSS growth per reload between the first and the last checkpoint after
+    /// start (KiB).
+    pub fn rss_growth_per_reload_kib(&self) -> f64 {
+        let points = &self.memory.points;
+        match (points.get(1), points.last()) {
+            (Some(first), Some(last)) if last.reloads > first.reloads => {
+                (last.rss_kib as f64 - first.rss_kib as f64) / (last.reloads - first.reloads) as f64
+            }
+            _ => f64::NAN,
+        }
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        match &self.throughput {
+            Some(throughput) => {
+                for (figure, comparison, minimum) in [
+                    ("1. keep-alive throughput, pounce/baseline", &throughput.keep_alive, 0.97),
+                    ("2. new connection per request, pounce/baseline", &throughput.close, 0.95),
+                ] {
+                    let value = comparison.ratio();
+                    targets.push(Target {
+                        figure: figure.to_owned(),
+                        measured: format!(
+                            "{value:.3} ({:.0} / {:.0} req/s)",
+                            comparison.pounce_rps(),
+                            comparison.baseline_rps()
+                        ),
+                        target: format!(">= {minimum}"),
+                        met: Some(value >= minimum),
+                    });
+                }
+            }
+            None => {
+                for figure in
+                    ["1. keep-alive throughput, pounce/baseline", "2. new connection per request, pounce/baseline"]
+                {
+                    targets.push(Target {
+                        figure: figure.to_owned(),
+                        measured: "not measured (wrk missing)".to_owned(),
+                        target: String::new(),
+                        met: None,
+                    });
+                }
+            }
+        }
+        let [_, base_p99, ..] = self.latency.baseline_medians();
+        let [_, pounce_p99, ..] = self.latency.pounce_medians();
+        let p99 = self.latency.p99_ratio();
+        targets.push(Target {
+            figure: format!("3. p99 latency at {:.0} req/s, pounce/baseline", self.latency.rate),
+            measured: format!("{p99:.2} ({pounce_p99:.0} / {base_p99:.0} µs)"),
+            target: "<= 1.1".to_owned(),
+            met: Some(p99 <= 1.1),
+        });
+        let failures = self.storm_failures();
+        targets.push(Target {
+            figure: "4a. failed requests + socket errors, reload storm".to_owned(),
+            measured: failures.to_string(),
+            target: "0".to_owned(),
+            met: Some(failures == 0),
+        });
+        let (p99_storm, _) = self.storm_ratios();
+        targets.push(Target {
+            figure: "4b. p99 during the storm / steady state".to_owned(),
+            measured: format!("{p99_storm:.2}"),
+            target: "<= 1.5".to_owned(),
+            met: Some(p99_storm <= 1.5),
+        });
+        let last = self.memory.points.last();
+        targets.push(Target {
+            figure: format!(
+                "5. app copies mapped after {} reloads",
+                last.map_or(0, |p| p.reloads)
+            ),
+            measured: format!(
+                "{} (RSS {:+.1} KiB per reload after the first checkpoint)",
+                last.map_or(0, |p| p.mapped_copies),
+                self.rss_growth_per_reload_kib()
+            ),
+            target: "1 (the live generation)".to_owned(),
+            met: Some(self.extra_copies() == 0),
+        });
+        targets
+    }
+
+    pub fn missed(&self) -> Vec<Target> {
+        self.targets().into_iter().filter(|t| t.met == Some(false)).collect()
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let _ = writeln!(md, "# pounce-host benchmark results\n");
+        let _ = writeln!(md, "Written by `{}` on {}.\n", self.command, m.date);
+        let _ = writeln!(md, "## Machine\n");
+        let _ = writeln!(md, "| | |\n|---|---|");
+        let _ = writeln!(md, "| CPU | {} |", m.cpu);
+        let _ = writeln!(md, "| cores available | {} |", m.cpus);
+        let _ = writeln!(md, "| kernel | {} |", m.kernel);
+        let _ = writeln!(md, "| rustc | {} |", m.rustc);
+        let _ = writeln!(md, "| date | {} |", m.date);
+        let _ = writeln!(md, "| commit | {} |", m.commit);
+        let _ = writeln!(md, "| build | {} (pounce-host, libsample_app.so, pounce-baseline) |", self.profile);
+        let _ = writeln!(md, "| placement | {} |", self.pinning);
+        let _ = writeln!(
+            md,
+            "| servers | `pounce-host serve --port 0 --log-format text --workers 1 libsample_app.so`; `pounce-baseline --port 0 --workers 1` (hyper-util auto, handler compiled in) |\n"
+        );
+
+        let _ = writeln!(md, "## Summary\n");
+        let _ = writeln!(md, "| figure | measured | target | |\n|---|---|---|---|");
+        for target in self.targets() {
+            let verdict = match target.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "skipped",
+            };
+            let _ = writeln!(md, "| {} | {} | {} | {verdict} |", target.figure, target.measured, target.target);
+        }
+        md.push('\n');
+
+        self.throughput_section(&mut md);
+        self.latency_section(&mut md);
+        self.storm_section(&mut md);
+        self.memory_section(&mut md);
+        self.criterion_section(&mut md);
+        if !self.notes.is_empty() {
+            let _ = writeln!(md, "## Notes\n");
+            for note in &self.notes {
+                let _ = writeln!(md, "- {note}");
+            }
+            md.push('\n');
+        }
+        md
+    }
+
+    fn throughput_section(&self, md: &mut String) {
+        let _ = writeln!(md, "## 1-2. Throughput (wrk)\n");
+        let Some(throughput) = &self.throughput else {
+            let _ = writeln!(md, "Not measured: {}.\n", super::wrk::INSTALL_HINT);
+            return;
+        };
+        let _ = writeln!(
+            md,
+            "`wrk -t1 -c{} -d{}s --latency` on `GET /`, baseline and pounce-host alternating (ABBA), each run on a fresh server after a 1 s warm-up. Figures are medians over the runs.\n",
+            super::wrk::CONNECTIONS,
+            throughput.seconds
+        );
+        for (title, comparison) in [
+            ("Keep-alive", &throughput.keep_alive),
+            ("New connection per request (`-H 'Connection: close'`)", &throughput.close),
+        ] {
+            let _ = writeln!(md, "### {title}\n");
+            let _ = writeln!(md, "| server | req/s (median) | runs (req/s) | p50 µs | p99 µs | errors |\n|---|---|---|---|---|---|");
+            for (label, runs, rps) in [
+                ("baseline", &comparison.baseline, comparison.baseline_rps()),
+                ("pounce-host", &comparison.pounce, comparison.pounce_rps()),
+            ] {
+                let list: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.requests_per_sec)).collect();
+                let p50 = median(&runs.iter().map(|r| r.p50_us).collect::<Vec<_>>());
+                let p99 = median(&runs.iter().map(|r| r.p99_us).collect::<Vec<_>>());
+                let errors: u64 = runs.iter().map(WrkResult::failures).sum();
+                let _ = writeln!(md, "| {label} | {rps:.0} | {} | {p50:.0} | {p99:.0} | {errors} |", list.join(", "));
+            }
+            let _ = writeln!(md, "\npounce/baseline: **{:.3}**\n", comparison.ratio());
+        }
+    }
+
+    fn latency_section(&self, md: &mut String) {
+        let l = &self.latency;
+        let _ = writeln!(md, "## 3. Latency at a fixed rate\n");
+        let _ = writeln!(
+            md,
+            "{:.0} req/s ({}) for {} s per run over {} keep-alive connections, with xtask's own fixed-rate generator: each request's latency is measured from its *intended* send time (coordinated-omission correction), to the end of the response body. Runs alternate; figures are medians over the runs.\n",
+            l.rate, l.rate_source, l.seconds, l.connections
+        );
+        let _ = writeln!(
+            md,
+            "| server | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | answered 2xx / scheduled | failed | uncorrected p99 µs | send lag p99 / max µs |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for (label, runs) in [("baseline", &l.baseline), ("pounce-host", &l.pounce)] {
+            let [p50, p99, p999, max] = medians(runs);
+            let p90 = median(&runs.iter().map(|r| r.p90_us).collect::<Vec<_>>());
+            let ok: u64 = runs.iter().map(|r| r.ok).sum();
+            let scheduled: u64 = runs.iter().map(|r| r.scheduled).sum();
+            let failed: u64 = runs.iter().map(LatencyResult::failures).sum();
+            let uncorrected = median(&runs.iter().map(|r| r.uncorrected_p99_us).collect::<Vec<_>>());
+            let lag = median(&runs.iter().map(|r| r.send_lag_p99_us).collect::<Vec<_>>());
+            let lag_max = runs.iter().map(|r| r.send_lag_max_us).fold(0.0, f64::max);
+            let _ = writeln!(
+                md,
+                "| {label} | {p50:.1} | {p90:.1} | {p99:.1} | {p999:.1} | {max:.0} | {ok} / {scheduled} | {failed} | {uncorrected:.1} | {lag:.1} / {lag_max:.0} |"
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n*Uncorrected* is measured from the actual send, as a closed-loop tool would; *send lag* is how late the generator sent (large values would mean the generator, not the server, limited the figures)."
+        );
+        let _ = writeln!(md, "\npounce/baseline p99: **{:.2}**\n", l.p99_ratio());
+    }
+
+    fn storm_section(&self, md: &mut String) {
+        let s = &self.storm;
+        let _ = writeln!(md, "## 4. Reload under load\n");
+        let _ = writeln!(
+            md,
+            "One pounce-host: a {} s steady-state run, then the same load again while {} SIGHUPs arrive, one every {} ms (signals that arrive during a reload collapse into one more reload).\n",
+            self.storm_seconds,
+            s.signals,
+            s.interval.as_millis()
+        );
+        let _ = writeln!(md, "| | steady | storm |\n|---|---|---|");
+        match &s.load {
+            StormLoad::Wrk { steady, storm } => {
+                let _ = writeln!(md, "| load | `wrk -t1 -c{}` keep-alive | same |", super::wrk::CONNECTIONS);
+                let _ = writeln!(md, "| req/s | {:.0} | {:.0} |", steady.requests_per_sec, storm.requests_per_sec);
+                let _ = writeln!(md, "| p50 µs | {:.0} | {:.0} |", steady.p50_us, storm.p50_us);
+                let _ = writeln!(md, "| p99 µs | {:.0} | {:.0} |", steady.p99_us, storm.p99_us);
+                let _ = writeln!(
+                    md,
+                    "| socket errors (connect/read/write/timeout) | {:?} | {:?} |",
+                    steady.socket_errors, storm.socket_errors
+                );
+                let _ = writeln!(md, "| non-2xx | {} | {} |", steady.non_2xx, storm.non_2xx);
+            }
+            StormLoad::FixedRate { steady, storm } => {
+                let _ = writeln!(md, "| load | fixed rate {:.0} req/s (wrk missing) | same |", steady.rate);
+                let _ = writeln!(md, "| p50 µs | {:.1} | {:.1} |", steady.p50_us, storm.p50_us);
+                let _ = writeln!(md, "| p99 µs | {:.1} | {:.1} |", steady.p99_us, storm.p99_us);
+                let _ = writeln!(md, "| failed | {} | {} |", steady.failures(), storm.failures());
+            }
+        }
+        let (p99, rps) = self.storm_ratios();
+        let _ = writeln!(md, "\nstorm/steady: p99 **{p99:.2}**, throughput **{rps:.3}**\n");
+        let _ = writeln!(
+            md,
+            "Generations published during the storm: {} of {} signals. Reload duration, signal to new generation published (`reload_ms`): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (under load); without load (the memory phase, {} reloads): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n",
+            s.published,
+            s.signals,
+            median(&s.reload_ms),
+            quantile(&s.reload_ms, 0.99),
+            quantile(&s.reload_ms, 1.0),
+            self.memory.reload_ms.len(),
+            median(&self.memory.reload_ms),
+            quantile(&self.memory.reload_ms, 0.99),
+            quantile(&self.memory.reload_ms, 1.0),
+        );
+    }
+
+    fn memory_section(&self, md: &mut String) {
+        let _ = writeln!(md, "## 5. Memory across reloads\n");
+        let _ = writeln!(
+            md,
+            "A fresh pounce-host, no load; one SIGHUP at a time, each waiting for its `generation N published` line. Each figure is taken once the retired generations' unloads are logged (at most 10 s).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| reloads | VmRSS MiB | of it anonymous | of it file-backed | app copies mapped | unloads logged | left mapped |\n|---|---|---|---|---|---|---|"
+        );
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        for p in &self.memory.points {
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+                p.reloads,
+                mib(p.rss_kib),
+                mib(p.rss_anon_kib),
+                mib(p.rss_file_kib),
+                p.mapped_copies,
+                p.unloaded,
+                p.kept_mapped
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nRSS change per reload between the first checkpoint and the last: {:+.2} KiB.\n",
+            self.rss_growth_per_reload_kib()
+        );
+    }
+
+    fn criterion_section(&self, md: &mut String) {
+        let _ = writeln!(md, "## 6. Request path micro-benchmark (criterion)\n");
+        if self.criterion.is_empty() {
+            let _ = writeln!(md, "Not run.\n");
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "`cargo bench -p pounce-host --bench request_path` (host/benches/request_path.rs): `lease` is `Current::lease()` (ArcSwap load + Arc drop); the loopback benchmarks send one request at a time over a keep-alive loopback connection to an in-process server (one worker thread) and wait for the whole response: pounce-host's `Server`/`accept_loop` serving the sample app, and a plain hyper hello server.\n"
+        );
+        let _ = writeln!(md, "| benchmark | time per request |\n|---|---|");
+        for estimate in &self.criterion {
+            let shown = estimate.ns.map_or_else(|| "checked, not timed".to_owned(), format_ns);
+            let _ = writeln!(md, "| {} | {shown} |", estimate.name);
+        }
+        let find = |suffix: &str| self.criterion.iter().find(|e| e.name.ends_with(suffix)).and_then(|e| e.ns);
+        if let (Some(pounce), Some(baseline)) = (find("pounce_loopback"), find("baseline_loopback")) {
+            let _ = writeln!(
+                md,
+                "\npounce-host − baseline: **{}** per request ({:+.1}%).",
+                format_ns(pounce - baseline),
+                (pounce / baseline - 1.0) * 100.0
+            );
+        }
+        md.push('\n');
+    }
+}
+
+fn format_ns(ns: f64) -> String {
+    if ns.abs() >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns.abs() >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_quantiles() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.99), 4.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
+    }
+
+    #[test]
+    fn formats_dates_in_utc() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_utc(1_795_563_045), "2026-11-24 23:30:45 UTC");
+    }
+
+    #[test]
+    fn formats_durations() {
+        assert_eq!(format_ns(12.34), "12.3 ns");
+        assert_eq!(format_ns(24_562.0), "24.56 µs");
+        assert_eq!(format_ns(-1_500.0), "-1.50 µs");
+    }
+}
