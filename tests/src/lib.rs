@@ -55,6 +55,23 @@ pub fn host_binary() -> PathBuf {
     built().join("pounce-host")
 }
 
+/// The `xtask` binary (`cargo xtask ...` without the cargo wrapper).
+pub fn xtask_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let target = target_dir();
+            cargo_build(&["xtask"], &target, None);
+            target.join("debug/xtask")
+        })
+        .clone()
+}
+
+/// Where cargo builds for the end-to-end tests' own builds.
+pub fn variants_target_dir() -> PathBuf {
+    target_dir().join("e2e-variants")
+}
+
 /// The sample app as built by the workspace (default greeting).
 pub fn sample_app() -> PathBuf {
     built().join("libsample_app.so")
@@ -94,7 +111,7 @@ impl Drop for TempDir {
 pub fn sample_variant(greeting: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let target = target_dir().join("e2e-variants");
+    let target = variants_target_dir();
     let slug: String = greeting.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let built = target.join(format!("libsample_{slug}_{}.so", std::process::id()));
     if !built.exists() {

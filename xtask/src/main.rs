@@ -5,10 +5,13 @@
 use std::process::ExitCode;
 
 mod bench;
+mod dev;
 
 /// The tasks that exist: name, one-line summary.
-const TASKS: &[(&str, &str)] =
-    &[("bench", "measure pounce-host against a plain hyper baseline; writes bench/results/latest.md")];
+const TASKS: &[(&str, &str)] = &[
+    ("bench", "measure pounce-host against a plain hyper baseline; writes bench/results/latest.md"),
+    ("dev", "build an app, serve it, rebuild and reload it on every save"),
+];
 
 fn usage() -> String {
     let mut text = String::from("usage: cargo xtask TASK [ARGS]\n\ntasks:\n");
@@ -25,6 +28,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let outcome = match task.as_deref() {
         Some("bench") => bench::main(rest),
+        Some("dev") => dev::main(rest),
         Some("-h" | "--help" | "help") => {
             print!("{}", usage());
             return ExitCode::SUCCESS;

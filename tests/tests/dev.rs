@@ -1,0 +1,175 @@
+//! `cargo xtask dev` on a temporary copy of the sample app: edits are served,
+//! a compile error keeps the last good build serving, Ctrl-C stops cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pounce_tests::{get, host_binary, listening_addr, variants_target_dir, workspace, xtask_binary, TempDir};
+
+/// Writes a standalone copy of the sample app (its own workspace) into `dir`,
+/// with the same profile as this workspace so compiled dependencies are
+/// shared with the other end-to-end builds.
+fn copy_sample_app(dir: &Path, greeting: &str) {
+    let abi = workspace().join("app-abi");
+    let manifest = format!(
+        r#"[package]
+name = "dev-copy"
+version = "0.1.0"
+edition = "2021"
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+app-abi = {{ path = "{}" }}
+
+[workspace]
+
+[profile.dev]
+debug = "line-tables-only"
+
+[profile.dev.package."*"]
+opt-level = 1
+"#,
+        abi.display()
+    );
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
+    set_greeting(dir, greeting, "");
+}
+
+/// Rewrites the copy's source with `greeting` as its default greeting, plus
+/// `extra` code at the end.
+fn set_greeting(dir: &Path, greeting: &str, extra: &str) {
+    let source = std::fs::read_to_string(workspace().join("sample-app/src/lib.rs")).unwrap();
+    let source = source.replace("\"Hello from sample-app\"", &format!("{greeting:?}"));
+    std::fs::write(dir.join("src/lib.rs"), format!("{source}\n{extra}")).unwrap();
+}
+
+struct Dev {
+    child: Child,
+    output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Dev {
+    fn start(dir: &Path) -> Dev {
+        let mut child = Command::new(xtask_binary())
+            .args(["dev", "--manifest-path"])
+            .arg(dir.join("Cargo.toml"))
+            .arg("--host-binary")
+            .arg(host_binary())
+            .args(["--", "--port", "0", "--log-format", "text"])
+            .env("CARGO_TARGET_DIR", variants_target_dir())
+            .env("CARGO", std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start xtask dev");
+        let output = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let sink = output.clone();
+            readers.push(std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut text = sink.lock().unwrap_or_else(|p| p.into_inner());
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            }));
+        }
+        Dev { child, output, readers }
+    }
+
+    /// Waits until everything the processes wrote has been read (after exit).
+    fn drain_output(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.output().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} within {timeout:?}:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = self.child.kill();
+        }
+    }
+}
+
+async fn version_becomes(addr: std::net::SocketAddr, expected: &str, dev: &Dev) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(reply) = get(addr, "/version").await {
+            if reply.text() == expected {
+                return started.elapsed();
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(180), "never served {expected:?}:\n{}", dev.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_are_served_and_compile_errors_keep_the_last_good_build() {
+    let dir = TempDir::new("dev");
+    copy_sample_app(dir.path(), "Hello from the dev copy");
+    let mut dev = Dev::start(dir.path());
+    dev.wait_for("listening on http://", Duration::from_secs(600));
+    let addr = listening_addr(&dev.output()).expect("address in the host log");
+    version_becomes(addr, "Hello from the dev copy (generation 1)\n", &dev).await;
+
+    set_greeting(dir.path(), "Edited greeting", "");
+    version_becomes(addr, "Edited greeting (generation 2)\n", &dev).await;
+    dev.wait_for("[dev] reloaded into generation 2", Duration::from_secs(30));
+
+    set_greeting(dir.path(), "Broken greeting", "fn broken() -> u32 { \"not a number\" }\n");
+    dev.wait_for("[dev] build failed; still serving generation 2", Duration::from_secs(180));
+    assert!(dev.output().contains("mismatched types"), "the compiler's error is shown:\n{}", dev.output());
+    assert_eq!(get(addr, "/version").await.unwrap().text(), "Edited greeting (generation 2)\n");
+
+    set_greeting(dir.path(), "Fixed greeting", "");
+    version_becomes(addr, "Fixed greeting (generation 3)\n", &dev).await;
+
+    let _ = Command::new("kill").args(["-INT", &dev.child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = dev.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "xtask dev did not stop:\n{}", dev.output());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    dev.drain_output();
+    assert_eq!(status.code(), Some(0), "{}", dev.output());
+    assert!(dev.output().contains("shutdown complete"), "the host shut down gracefully:\n{}", dev.output());
+    assert!(get(addr, "/").await.is_err(), "nothing listens any more");
+    // The save-to-served figures, for `--nocapture` readers.
+    for line in dev.output().lines().filter(|l| l.starts_with("[dev]")) {
+        eprintln!("{line}");
+    }
+}
