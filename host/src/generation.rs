@@ -130,7 +130,11 @@ impl Drop for Generation {
             .name(format!("pounce-unload-g{number}"))
             .spawn(move || unload(number, app, timeout));
         match spawned {
-            Ok(handle) => unloads().push(handle),
+            Ok(handle) => {
+                let mut unloads = unloads();
+                unloads.retain(|earlier| !earlier.is_finished());
+                unloads.push(handle);
+            }
             Err(e) => {
                 tracing::error!(generation = number, "cannot start an unload thread ({e}); the library stays loaded")
             }
