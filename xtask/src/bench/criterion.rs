@@ -20,7 +20,10 @@ pub enum Mode {
     #[cfg_attr(not(test), allow(dead_code))]
     Check,
     /// `cargo bench` with these warm-up and measurement times (seconds).
-    Measure { warm_up: f64, measurement: f64 },
+    Measure {
+        warm_up: f64,
+        measurement: f64,
+    },
 }
 
 /// One benchmark: its id and, when measured, criterion's point estimate.
@@ -58,7 +61,11 @@ pub fn run(mode: Mode, app: &Path) -> Result<Vec<Estimate>> {
     let output = command.output().context("cannot run cargo")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        bail!("the request_path bench failed ({}):\n{stdout}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "the request_path bench failed ({}):\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let estimates = match mode {
         Mode::Measure { .. } => parse_measured(&stdout),

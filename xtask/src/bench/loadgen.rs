@@ -156,7 +156,8 @@ async fn generate(plan: Plan) -> Result<LatencyResult> {
         let (tx, rx) = mpsc::channel::<Instant>(1);
         queues.push(tx);
         shared.idle.borrow_mut().push(id);
-        let worker = Worker { id, addr: plan.addr, path: plan.path.clone(), host: host.clone(), shared: shared.clone() };
+        let worker =
+            Worker { id, addr: plan.addr, path: plan.path.clone(), host: host.clone(), shared: shared.clone() };
         workers.push(tokio::task::spawn_local(worker.run(Some(sender), rx)));
     }
 
@@ -235,7 +236,8 @@ pub fn percentile(sorted: &[u64], q: f64) -> f64 {
 }
 
 async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await.context("connect timed out")??;
+    let stream =
+        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await.context("connect timed out")??;
     stream.set_nodelay(true)?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::task::spawn_local(async move {

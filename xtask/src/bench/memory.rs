@@ -25,6 +25,8 @@ pub struct MemoryPoint {
     pub rss_file_kib: u64,
     /// Distinct app library copies mapped.
     pub mapped_copies: usize,
+    /// Open file descriptors (/proc/PID/fd).
+    pub open_fds: usize,
     /// Generations whose unload finished by then (any outcome).
     pub unloaded: usize,
     /// Unloads that left the library mapped (logged as warnings).
@@ -67,6 +69,11 @@ fn parse_mapped_copies(maps: &str) -> usize {
         .len()
 }
 
+/// How many file descriptors `pid` has open.
+pub fn open_fds(pid: i32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd")).context("cannot read /proc/PID/fd")?.count())
+}
+
 /// Reloads one at a time (each waits for its `generation N published`,
 /// bounded), and records the figures at start and after each checkpoint's
 /// number of reloads, once the retired generations are unloaded (or 10 s
@@ -90,6 +97,7 @@ pub fn run(server: &Server, checkpoints: &[usize]) -> Result<MemoryResult> {
             rss_anon_kib,
             rss_file_kib,
             mapped_copies: mapped_copies(pid)?,
+            open_fds: open_fds(pid)?,
             unloaded: log.count(UNLOAD_FIELD),
             kept_mapped: KEPT_MAPPED.iter().map(|needle| log.count(needle)).sum(),
         })
@@ -135,5 +143,6 @@ mod tests {
         assert_eq!(parse_mapped_copies(maps), 2);
         assert_eq!(mapped_copies(std::process::id() as i32).unwrap(), 0);
         assert!(rss_kib(std::process::id() as i32).unwrap()[0] > 0);
+        assert!(open_fds(std::process::id() as i32).unwrap() >= 3);
     }
 }

@@ -424,9 +424,7 @@ impl Server {
         let mut command = match kind {
             Kind::Pounce => {
                 let mut command = pinning.command(pinning.server_cpu, &binaries.host);
-                command
-                    .args(["serve", "--port", "0", "--log-format", "text", "--workers", "1"])
-                    .arg(&binaries.app);
+                command.args(["serve", "--port", "0", "--log-format", "text", "--workers", "1"]).arg(&binaries.app);
                 command
             }
             Kind::Baseline => {

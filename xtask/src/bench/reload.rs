@@ -60,8 +60,9 @@ pub struct StormResult {
 /// from the fixed-rate generator.
 #[derive(Clone, Debug)]
 pub enum StormLoad {
-    Wrk { steady: WrkResult, storm: WrkResult },
-    FixedRate { steady: LatencyResult, storm: LatencyResult },
+    /// `steady`: before and after the storm.
+    Wrk { steady: [WrkResult; 2], storm: WrkResult },
+    FixedRate { steady: [LatencyResult; 2], storm: LatencyResult },
 }
 
 pub struct StormPlan<'a> {
@@ -77,7 +78,8 @@ pub struct StormPlan<'a> {
 
 /// Measures steady state for `seconds`, then the same load again while
 /// `signals` SIGHUPs arrive every `interval` (not waiting for each reload:
-/// signals that arrive during a reload collapse into one more).
+/// signals that arrive during a reload collapse into one more), then steady
+/// state again (so a disturbance of one steady run shows).
 pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
     let load_plan = || Plan {
         addr: server.addr,
@@ -95,10 +97,13 @@ pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
         Wrk(procs::Proc),
         FixedRate(loadgen::Running),
     }
-    let steady = match plan.wrk {
-        Some(wrk) => Steady::Wrk(wrk::run(wrk, plan.pinning, &server.url(), plan.seconds, Mode::KeepAlive)?),
-        None => Steady::FixedRate(loadgen::run(load_plan())?),
+    let steady_run = || -> Result<Steady> {
+        Ok(match plan.wrk {
+            Some(wrk) => Steady::Wrk(wrk::run(wrk, plan.pinning, &server.url(), plan.seconds, Mode::KeepAlive)?),
+            None => Steady::FixedRate(loadgen::run(load_plan())?),
+        })
     };
+    let before = steady_run()?;
 
     let from = server.proc.stderr.len();
     let load = match plan.wrk {
@@ -115,28 +120,28 @@ pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
         procs::sleep_until(first + plan.interval * i as u32)?;
         server.proc.signal(libc::SIGHUP)?;
     }
-    let load = match (steady, load) {
-        (Steady::Wrk(steady), Started::Wrk(proc)) => StormLoad::Wrk { steady, storm: wrk::finish(proc, plan.seconds)? },
-        (Steady::FixedRate(steady), Started::FixedRate(running)) => {
-            StormLoad::FixedRate { steady, storm: running.join()? }
-        }
-        _ => unreachable!("steady state and storm use the same load"),
+    let storm = match load {
+        Started::Wrk(proc) => Steady::Wrk(wrk::finish(proc, plan.seconds)?),
+        Started::FixedRate(running) => Steady::FixedRate(running.join()?),
     };
-    // Let the last reload finish: wait until a line for the last generation
-    // it could reach shows up, or for a quiet second.
+    // Let the last reload finish: until no `published` line came for 2 s.
     let mut next = from;
     while let Some((_, after)) = server.proc.stderr.wait_for(next, Duration::from_secs(2), parse_published) {
         next = after;
     }
     let reload_ms: Vec<f64> =
         server.proc.stderr.since(from).iter().filter_map(|line| parse_published(line)).map(|(_, ms)| ms).collect();
-    Ok(StormResult {
-        signals: plan.signals,
-        interval: plan.interval,
-        published: reload_ms.len(),
-        reload_ms,
-        load,
-    })
+    let after = steady_run()?;
+    let load = match (before, storm, after) {
+        (Steady::Wrk(before), Steady::Wrk(storm), Steady::Wrk(after)) => {
+            StormLoad::Wrk { steady: [before, after], storm }
+        }
+        (Steady::FixedRate(before), Steady::FixedRate(storm), Steady::FixedRate(after)) => {
+            StormLoad::FixedRate { steady: [before, after], storm }
+        }
+        _ => unreachable!("steady state and storm use the same load"),
+    };
+    Ok(StormResult { signals: plan.signals, interval: plan.interval, published: reload_ms.len(), reload_ms, load })
 }
 
 #[cfg(test)]

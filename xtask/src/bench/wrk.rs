@@ -72,7 +72,14 @@ pub enum Mode {
 /// for it with [`finish`].
 pub fn start(wrk: &Path, pinning: &Pinning, url: &str, seconds: u64, mode: Mode) -> Result<Proc> {
     let mut command = pinning.command(pinning.load_cpu, wrk);
-    command.args(["-t1", &format!("-c{CONNECTIONS}"), &format!("-d{}s", seconds.max(1)), "--latency", "--timeout", "5s"]);
+    command.args([
+        "-t1",
+        &format!("-c{CONNECTIONS}"),
+        &format!("-d{}s", seconds.max(1)),
+        "--latency",
+        "--timeout",
+        "5s",
+    ]);
     if mode == Mode::Close {
         command.args(["-H", "Connection: close"]);
     }
