@@ -534,4 +534,3 @@ mod tests {
         assert_eq!(report.targets().len(), 6);
     }
 }
-

@@ -61,8 +61,14 @@ pub struct StormResult {
 #[derive(Clone, Debug)]
 pub enum StormLoad {
     /// `steady`: before and after the storm.
-    Wrk { steady: [WrkResult; 2], storm: WrkResult },
-    FixedRate { steady: [LatencyResult; 2], storm: LatencyResult },
+    Wrk {
+        steady: [WrkResult; 2],
+        storm: WrkResult,
+    },
+    FixedRate {
+        steady: [LatencyResult; 2],
+        storm: LatencyResult,
+    },
 }
 
 pub struct StormPlan<'a> {

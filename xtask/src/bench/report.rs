@@ -233,9 +233,7 @@ impl Report {
     pub fn storm_failures(&self) -> u64 {
         match &self.storm.load {
             StormLoad::Wrk { steady, storm } => steady.iter().chain([storm]).map(WrkResult::failures).sum(),
-            StormLoad::FixedRate { steady, storm } => {
-                steady.iter().chain([storm]).map(LatencyResult::failures).sum()
-            }
+            StormLoad::FixedRate { steady, storm } => steady.iter().chain([storm]).map(LatencyResult::failures).sum(),
         }
     }
 
