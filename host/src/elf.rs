@@ -71,7 +71,7 @@ pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
     let phnum = u64::from(u16_at(bytes, 56).unwrap_or(0));
     let shentsize = u64::from(u16_at(bytes, 58).unwrap_or(0));
     let shnum = u64::from(u16_at(bytes, 60).unwrap_or(0));
-    let end = |offset: u64, size: u64| offset.checked_add(size).unwrap_or(u64::MAX);
+    let end = |offset: u64, size: u64| offset.saturating_add(size);
     let headers_end = end(phoff, phentsize.saturating_mul(phnum));
     if headers_end > actual {
         return Err(truncated(headers_end));
