@@ -32,7 +32,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::procs::{interrupted, pin_current_thread};
+use super::procs::{interrupted, pin_current_thread, CpuUse};
 
 /// How long after the end of the schedule the run may take to finish.
 const GRACE: Duration = Duration::from_secs(5);
@@ -80,13 +80,24 @@ pub struct LatencyResult {
     pub send_lag_max_us: f64,
     /// Latency from the actual send (what a closed-loop tool would report).
     pub uncorrected_p99_us: f64,
+    /// CPU use during the run (filled in by the caller).
+    pub cpu: CpuUse,
 }
 
 impl LatencyResult {
     pub fn failures(&self) -> u64 {
         self.non_2xx + self.errors + self.not_sent + self.unfinished
     }
+
+    /// The run measured the machine rather than the server: other work
+    /// used the CPUs, or the generator itself fell behind its schedule.
+    pub fn disturbed(&self) -> bool {
+        self.cpu.disturbed() || self.send_lag_p99_us > MAX_SEND_LAG_P99_US
+    }
 }
+
+/// A generator that sent later than this (p99) could not keep its schedule.
+pub const MAX_SEND_LAG_P99_US: f64 = 1000.0;
 
 /// A generator running on its own thread.
 pub struct Running {
@@ -223,6 +234,7 @@ async fn generate(plan: Plan) -> Result<LatencyResult> {
         send_lag_p99_us: percentile(&lags, 0.99) / 1e3,
         send_lag_max_us: percentile(&lags, 1.0) / 1e3,
         uncorrected_p99_us: percentile(&service, 0.99) / 1e3,
+        cpu: CpuUse::default(),
     })
 }
 

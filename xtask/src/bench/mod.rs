@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use procs::{Binaries, Kind, Pinning, Server};
+use procs::{Binaries, CpuWatch, Kind, Pinning, Server};
 use report::{Comparison, Latency, Machine, Report, Throughput};
 
 const USAGE: &str = "\
@@ -260,18 +260,24 @@ pub fn run(settings: &Settings) -> Result<Report> {
     let storm = {
         let server = Server::start(Kind::Pounce, &binaries, &pinning)?;
         warm_up(wrk.as_deref(), &pinning, &server, settings)?;
-        reload::storm(
-            &server,
-            &reload::StormPlan {
-                wrk: wrk.as_deref(),
-                pinning: &pinning,
-                seconds: settings.storm_secs,
-                signals: settings.storm_signals,
-                interval: settings.storm_interval,
-                fallback_rate: rate,
-                connections: settings.latency_connections,
-            },
-        )?
+        let plan = reload::StormPlan {
+            wrk: wrk.as_deref(),
+            pinning: &pinning,
+            seconds: settings.storm_secs,
+            signals: settings.storm_signals,
+            interval: settings.storm_interval,
+            fallback_rate: rate,
+            connections: settings.latency_connections,
+        };
+        let mut discarded = 0;
+        let storm = undisturbed(&mut discarded, || reload::storm(&server, &plan), reload::StormResult::disturbed)?;
+        if discarded > 0 {
+            notes.push(format!(
+                "The reload storm was run {} time(s) more: other work on the machine disturbed it.",
+                discarded
+            ));
+        }
+        storm
     };
 
     step(&format!("memory: reloads one at a time up to {:?}", settings.memory_checkpoints));
@@ -337,13 +343,23 @@ fn compare(
             ));
             let server = Server::start(kind, binaries, pinning)?;
             warm_up(Some(wrk), pinning, &server, settings)?;
-            let result = wrk::run(wrk, pinning, &server.url(), settings.throughput_secs, mode)?;
-            eprintln!(
-                "    {:.0} req/s, p99 {:.0} µs, failures {}",
-                result.requests_per_sec,
-                result.p99_us,
-                result.failures()
-            );
+            let measure = || {
+                let watch = CpuWatch::start(server.pid())?;
+                let mut result = wrk::run(wrk, pinning, &server.url(), settings.throughput_secs, mode)?;
+                result.cpu = watch.finish()?;
+                eprintln!(
+                    "    {:.0} req/s, p99 {:.0} µs, failures {}, server CPU {:.2}, other CPU {:.2}",
+                    result.requests_per_sec,
+                    result.p99_us,
+                    result.failures(),
+                    result.cpu.server,
+                    result.cpu.foreign
+                );
+                Ok(result)
+            };
+            let result = undisturbed(&mut comparison.discarded, measure, |r: &wrk::WrkResult| {
+                r.cpu.disturbed().then(|| format!("{:.2} cores of other work ran meanwhile", r.cpu.foreign))
+            })?;
             match kind {
                 Kind::Baseline => comparison.baseline.push(result),
                 Kind::Pounce => comparison.pounce.push(result),
@@ -353,11 +369,30 @@ fn compare(
     Ok(comparison)
 }
 
-/// A latency run whose generator sent later than this (p99) measured the
-/// machine rather than the server: it is run again, at most
-/// `LAGGING_RETRIES` times (the last one counts whatever it shows).
-const MAX_SEND_LAG_P99_US: f64 = 1000.0;
-const LAGGING_RETRIES: usize = 2;
+/// How often a measurement that other work on the machine disturbed is run
+/// again; the last attempt counts whatever it shows.
+const RETRIES: usize = 2;
+
+/// Runs `measure` until `disturbed` finds nothing wrong with its result, at
+/// most `RETRIES` more times, counting the discarded attempts.
+fn undisturbed<T>(
+    discarded: &mut usize,
+    mut measure: impl FnMut() -> Result<T>,
+    disturbed: impl Fn(&T) -> Option<String>,
+) -> Result<T> {
+    let mut attempt = 0;
+    loop {
+        let result = measure()?;
+        match disturbed(&result) {
+            Some(why) if attempt < RETRIES => {
+                eprintln!("    discarded: {why}; running again");
+                *discarded += 1;
+                attempt += 1;
+            }
+            _ => return Ok(result),
+        }
+    }
+}
 
 fn latency(
     binaries: &Binaries,
@@ -394,25 +429,29 @@ fn latency(
             if settings.warmup_secs > 0 {
                 loadgen::run(plan(settings.warmup_secs))?;
             }
-            let mut result = loadgen::run(plan(settings.latency_secs))?;
-            for _ in 0..LAGGING_RETRIES {
-                if result.send_lag_p99_us <= MAX_SEND_LAG_P99_US {
-                    break;
-                }
+            let measure = || {
+                let watch = CpuWatch::start(server.pid())?;
+                let mut result = loadgen::run(plan(settings.latency_secs))?;
+                result.cpu = watch.finish()?;
                 eprintln!(
-                    "    discarded: the generator sent late (send lag p99 {:.0} µs, p99 {:.0} µs): something else ran on the machine; running again",
-                    result.send_lag_p99_us, result.p99_us
+                    "    p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, failures {}, send lag p99 {:.1} µs, other CPU {:.2}",
+                    result.p50_us,
+                    result.p99_us,
+                    result.p999_us,
+                    result.failures(),
+                    result.send_lag_p99_us,
+                    result.cpu.foreign
                 );
-                latency.discarded += 1;
-                result = loadgen::run(plan(settings.latency_secs))?;
-            }
-            eprintln!(
-                "    p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, failures {}",
-                result.p50_us,
-                result.p99_us,
-                result.p999_us,
-                result.failures()
-            );
+                Ok(result)
+            };
+            let result = undisturbed(&mut latency.discarded, measure, |r: &loadgen::LatencyResult| {
+                r.disturbed().then(|| {
+                    format!(
+                        "{:.2} cores of other work ran meanwhile, send lag p99 {:.0} µs",
+                        r.cpu.foreign, r.send_lag_p99_us
+                    )
+                })
+            })?;
             match kind {
                 Kind::Baseline => latency.baseline.push(result),
                 Kind::Pounce => latency.pounce.push(result),

@@ -153,6 +153,111 @@ pub fn pin_current_thread(cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// CPU time used on the machine during one measurement, to tell a clean run
+/// from one that something else on the machine disturbed (other processes,
+/// or the hypervisor's steal time). "Ours" is the server, xtask itself (the
+/// latency generator runs in it) and the children reaped meanwhile (wrk).
+pub struct CpuWatch {
+    started: Instant,
+    server_pid: i32,
+    machine: f64,
+    server: f64,
+    ours: f64,
+}
+
+/// What a [`CpuWatch`] saw, in cores (CPU seconds per second).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuUse {
+    /// The server's use of its core.
+    pub server: f64,
+    /// Used by anything else (or stolen): a clean run has about 0.
+    pub foreign: f64,
+}
+
+/// Above this many cores of foreign CPU use, a run counts as disturbed.
+pub const MAX_FOREIGN_CPU: f64 = 0.05;
+
+impl CpuUse {
+    pub fn disturbed(&self) -> bool {
+        self.foreign > MAX_FOREIGN_CPU
+    }
+}
+
+impl CpuWatch {
+    pub fn start(server_pid: i32) -> Result<CpuWatch> {
+        let server = process_cpu_seconds(server_pid)?;
+        Ok(CpuWatch {
+            started: Instant::now(),
+            server_pid,
+            machine: machine_busy_seconds()?,
+            server,
+            ours: own_cpu_seconds() + server,
+        })
+    }
+
+    pub fn finish(&self) -> Result<CpuUse> {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-3);
+        let server = process_cpu_seconds(self.server_pid)?;
+        let ours = own_cpu_seconds() + server - self.ours;
+        let machine = machine_busy_seconds()? - self.machine;
+        // Tick-based accounting: allow for rounding to a tick per CPU.
+        Ok(CpuUse { server: (server - self.server) / wall, foreign: ((machine - ours) / wall).max(0.0) })
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// Busy CPU time of the whole machine (user, nice, system, irq, softirq,
+/// steal), in seconds.
+fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    machine_busy_ticks(line).map(|ticks| ticks / clock_ticks()).context("unexpected /proc/stat")
+}
+
+fn machine_busy_ticks(cpu_line: &str) -> Option<f64> {
+    let fields: Vec<f64> = cpu_line.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    Some([0, 1, 2, 5, 6, 7].iter().map(|&i| fields.get(i).copied().unwrap_or(0.0)).sum())
+}
+
+/// CPU time (user + system) used so far by `pid`'s threads, in seconds.
+pub fn process_cpu_seconds(pid: i32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("cannot read /proc/PID/stat")?;
+    process_cpu_ticks(&stat).map(|ticks| ticks / clock_ticks()).context("unexpected /proc/PID/stat")
+}
+
+fn process_cpu_ticks(stat: &str) -> Option<f64> {
+    // The command name is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3; utime and stime are fields 14 and 15.
+    Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+}
+
+/// CPU time of xtask itself and of its reaped children, in seconds.
+fn own_cpu_seconds() -> f64 {
+    let seconds = |who| {
+        // SAFETY: a zeroed rusage is valid; getrusage fills it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `usage` is a valid out pointer.
+        if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+            return 0.0;
+        }
+        let time = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        time(usage.ru_utime) + time(usage.ru_stime)
+    };
+    seconds(libc::RUSAGE_SELF) + seconds(libc::RUSAGE_CHILDREN)
+}
+
 /// Lines a process wrote to one of its pipes, as they arrive.
 #[derive(Default)]
 pub struct Lines {
@@ -482,6 +587,19 @@ mod tests {
         assert_eq!(listening_addr("listening on http://127.0.0.1:8000"), Some("127.0.0.1:8000".parse().unwrap()));
         assert_eq!(listening_addr("listening on http://[::1]:8000/"), Some("[::1]:8000".parse().unwrap()));
         assert_eq!(listening_addr("something else"), None);
+    }
+
+    #[test]
+    fn reads_cpu_accounting() {
+        assert_eq!(machine_busy_ticks("cpu  100 1 50 9000 7 2 3 4 0 0"), Some(160.0));
+        let stat = "4242 (pounce worker) S 1 4242 4242 0 -1 4194560 120 0 0 0 31 17 0 0 20 0 4 0 100 0 0";
+        assert_eq!(process_cpu_ticks(stat), Some(48.0));
+        let pid = std::process::id() as i32;
+        let watch = CpuWatch::start(pid).unwrap();
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {}
+        let used = watch.finish().unwrap();
+        assert!(used.server >= 0.0 && used.foreign >= 0.0, "{used:?}");
     }
 
     #[test]

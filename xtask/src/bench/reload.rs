@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use super::loadgen::{self, LatencyResult, Plan};
-use super::procs::{self, Pinning, Server};
+use super::procs::{self, CpuWatch, Pinning, Server};
 use super::wrk::{self, Mode, WrkResult};
 
 /// How long one reload may take before the benchmark gives up on it.
@@ -104,14 +104,24 @@ pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
         FixedRate(loadgen::Running),
     }
     let steady_run = || -> Result<Steady> {
+        let watch = CpuWatch::start(server.pid())?;
         Ok(match plan.wrk {
-            Some(wrk) => Steady::Wrk(wrk::run(wrk, plan.pinning, &server.url(), plan.seconds, Mode::KeepAlive)?),
-            None => Steady::FixedRate(loadgen::run(load_plan())?),
+            Some(wrk) => {
+                let mut result = wrk::run(wrk, plan.pinning, &server.url(), plan.seconds, Mode::KeepAlive)?;
+                result.cpu = watch.finish()?;
+                Steady::Wrk(result)
+            }
+            None => {
+                let mut result = loadgen::run(load_plan())?;
+                result.cpu = watch.finish()?;
+                Steady::FixedRate(result)
+            }
         })
     };
     let before = steady_run()?;
 
     let from = server.proc.stderr.len();
+    let watch = CpuWatch::start(server.pid())?;
     let load = match plan.wrk {
         Some(wrk) => Started::Wrk(wrk::start(wrk, plan.pinning, &server.url(), plan.seconds, Mode::KeepAlive)?),
         None => Started::FixedRate(loadgen::start(load_plan())?),
@@ -127,8 +137,16 @@ pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
         server.proc.signal(libc::SIGHUP)?;
     }
     let storm = match load {
-        Started::Wrk(proc) => Steady::Wrk(wrk::finish(proc, plan.seconds)?),
-        Started::FixedRate(running) => Steady::FixedRate(running.join()?),
+        Started::Wrk(proc) => {
+            let mut result = wrk::finish(proc, plan.seconds)?;
+            result.cpu = watch.finish()?;
+            Steady::Wrk(result)
+        }
+        Started::FixedRate(running) => {
+            let mut result = running.join()?;
+            result.cpu = watch.finish()?;
+            Steady::FixedRate(result)
+        }
     };
     // Let the last reload finish: until no `published` line came for 2 s.
     let mut next = from;
@@ -148,6 +166,21 @@ pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
         _ => unreachable!("steady state and storm use the same load"),
     };
     Ok(StormResult { signals: plan.signals, interval: plan.interval, published: reload_ms.len(), reload_ms, load })
+}
+
+impl StormResult {
+    /// Why this storm measured the machine rather than the server, if it
+    /// did: other work ran during one of its three runs.
+    pub fn disturbed(&self) -> Option<String> {
+        let foreign: Vec<f64> = match &self.load {
+            StormLoad::Wrk { steady, storm } => steady.iter().chain([storm]).map(|r| r.cpu.foreign).collect(),
+            StormLoad::FixedRate { steady, storm } => steady.iter().chain([storm]).map(|r| r.cpu.foreign).collect(),
+        };
+        foreign
+            .iter()
+            .any(|&f| f > procs::MAX_FOREIGN_CPU)
+            .then(|| format!("other work on the machine during the steady/storm/steady runs: {foreign:.2?} cores"))
+    }
 }
 
 #[cfg(test)]

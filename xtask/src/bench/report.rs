@@ -133,6 +133,8 @@ fn ratio(numerator: f64, denominator: f64) -> f64 {
 pub struct Comparison {
     pub baseline: Vec<WrkResult>,
     pub pounce: Vec<WrkResult>,
+    /// Runs thrown away because other work on the machine disturbed them.
+    pub discarded: usize,
 }
 
 impl Comparison {
@@ -417,7 +419,7 @@ impl Report {
             let _ = writeln!(md, "### {title}\n");
             let _ = writeln!(
                 md,
-                "| server | req/s (median) | runs (req/s) | p50 µs | p99 µs | errors |\n|---|---|---|---|---|---|"
+                "| server | req/s (median) | runs (req/s) | p50 µs | p99 µs | errors | server CPU (cores) |\n|---|---|---|---|---|---|---|"
             );
             for (label, runs, rps) in [
                 ("baseline", &comparison.baseline, comparison.baseline_rps()),
@@ -427,7 +429,20 @@ impl Report {
                 let p50 = median(&runs.iter().map(|r| r.p50_us).collect::<Vec<_>>());
                 let p99 = median(&runs.iter().map(|r| r.p99_us).collect::<Vec<_>>());
                 let errors: u64 = runs.iter().map(WrkResult::failures).sum();
-                let _ = writeln!(md, "| {label} | {rps:.0} | {} | {p50:.0} | {p99:.0} | {errors} |", list.join(", "));
+                let cpu = median(&runs.iter().map(|r| r.cpu.server).collect::<Vec<_>>());
+                let _ = writeln!(
+                    md,
+                    "| {label} | {rps:.0} | {} | {p50:.0} | {p99:.0} | {errors} | {cpu:.2} |",
+                    list.join(", ")
+                );
+            }
+            if comparison.discarded > 0 {
+                let _ = writeln!(
+                    md,
+                    "\n{} run(s) were discarded and run again: other work on the machine used more than {} of a core meanwhile.",
+                    comparison.discarded,
+                    super::procs::MAX_FOREIGN_CPU
+                );
             }
             let _ = writeln!(md, "\npounce/baseline: **{:.3}**\n", comparison.ratio());
         }
@@ -466,8 +481,10 @@ impl Report {
         if l.discarded > 0 {
             let _ = writeln!(
                 md,
-                "\n{} run(s) were discarded and run again because the generator's send lag p99 exceeded 1 ms (other work on the machine).",
-                l.discarded
+                "\n{} run(s) were discarded and run again: other work on the machine used more than {} of a core meanwhile, or the generator's send lag p99 exceeded {} µs.",
+                l.discarded,
+                super::procs::MAX_FOREIGN_CPU,
+                super::loadgen::MAX_SEND_LAG_P99_US
             );
         }
         let _ = writeln!(md, "\npounce/baseline p99: **{:.2}**\n", l.p99_ratio());
@@ -496,6 +513,7 @@ impl Report {
                 row(md, "p99 µs", &|r| format!("{:.0}", r.p99_us));
                 row(md, "socket errors", &|r| r.socket_errors.total().to_string());
                 row(md, "non-2xx", &|r| r.non_2xx.to_string());
+                row(md, "server CPU (cores)", &|r| format!("{:.2}", r.cpu.server));
             }
             StormLoad::FixedRate { steady: [before, after], storm } => {
                 let _ = writeln!(md, "| load | fixed rate {:.0} req/s (wrk missing) | same | same |", storm.rate);
@@ -505,6 +523,7 @@ impl Report {
                 row(md, "p50 µs", &|r| format!("{:.1}", r.p50_us));
                 row(md, "p99 µs", &|r| format!("{:.1}", r.p99_us));
                 row(md, "failed", &|r| r.failures().to_string());
+                row(md, "server CPU (cores)", &|r| format!("{:.2}", r.cpu.server));
             }
         }
         let (p99, rps) = self.storm_ratios();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::procs::{find_program, Pinning, Proc};
+use super::procs::{find_program, CpuUse, Pinning, Proc};
 
 /// What to tell someone without wrk.
 pub const INSTALL_HINT: &str = "wrk is not installed: install it with `apt-get install wrk` (Debian/Ubuntu)";
@@ -36,6 +36,8 @@ pub struct WrkResult {
     pub socket_errors: SocketErrors,
     /// Responses outside 2xx/3xx.
     pub non_2xx: u64,
+    /// CPU use during the run (filled in by the caller).
+    pub cpu: CpuUse,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
