@@ -74,6 +74,9 @@ pub struct Settings {
     pub storm_signals: usize,
     pub storm_interval: Duration,
     pub memory_checkpoints: Vec<usize>,
+    /// How often a run that other work on the machine disturbed is run
+    /// again; the last attempt counts whatever it shows.
+    pub retries: usize,
     pub criterion: criterion::Mode,
     pub out: Option<PathBuf>,
     pub command: String,
@@ -97,6 +100,7 @@ impl Settings {
             storm_signals: usize::try_from((storm_secs.saturating_sub(2)) * 10).unwrap_or(100).min(100),
             storm_interval: Duration::from_millis(100),
             memory_checkpoints: vec![100, 1000],
+            retries: 2,
             criterion: criterion::Mode::Measure { warm_up: 1.0, measurement: 3.0 },
             out: Some(procs::workspace().join("bench/results/latest.md")),
             command: "cargo xtask bench".to_owned(),
@@ -270,7 +274,12 @@ pub fn run(settings: &Settings) -> Result<Report> {
             connections: settings.latency_connections,
         };
         let mut discarded = 0;
-        let storm = undisturbed(&mut discarded, || reload::storm(&server, &plan), reload::StormResult::disturbed)?;
+        let storm = undisturbed(
+            settings.retries,
+            &mut discarded,
+            || reload::storm(&server, &plan),
+            reload::StormResult::disturbed,
+        )?;
         if discarded > 0 {
             notes.push(format!(
                 "The reload storm was run {} time(s) more: other work on the machine disturbed it.",
@@ -357,7 +366,7 @@ fn compare(
                 );
                 Ok(result)
             };
-            let result = undisturbed(&mut comparison.discarded, measure, |r: &wrk::WrkResult| {
+            let result = undisturbed(settings.retries, &mut comparison.discarded, measure, |r: &wrk::WrkResult| {
                 r.cpu.disturbed().then(|| format!("{:.2} cores of other work ran meanwhile", r.cpu.foreign))
             })?;
             match kind {
@@ -369,13 +378,10 @@ fn compare(
     Ok(comparison)
 }
 
-/// How often a measurement that other work on the machine disturbed is run
-/// again; the last attempt counts whatever it shows.
-const RETRIES: usize = 2;
-
 /// Runs `measure` until `disturbed` finds nothing wrong with its result, at
-/// most `RETRIES` more times, counting the discarded attempts.
+/// most `retries` more times, counting the discarded attempts.
 fn undisturbed<T>(
+    retries: usize,
     discarded: &mut usize,
     mut measure: impl FnMut() -> Result<T>,
     disturbed: impl Fn(&T) -> Option<String>,
@@ -384,7 +390,7 @@ fn undisturbed<T>(
     loop {
         let result = measure()?;
         match disturbed(&result) {
-            Some(why) if attempt < RETRIES => {
+            Some(why) if attempt < retries => {
                 eprintln!("    discarded: {why}; running again");
                 *discarded += 1;
                 attempt += 1;
@@ -444,14 +450,15 @@ fn latency(
                 );
                 Ok(result)
             };
-            let result = undisturbed(&mut latency.discarded, measure, |r: &loadgen::LatencyResult| {
-                r.disturbed().then(|| {
-                    format!(
-                        "{:.2} cores of other work ran meanwhile, send lag p99 {:.0} µs",
-                        r.cpu.foreign, r.send_lag_p99_us
-                    )
-                })
-            })?;
+            let result =
+                undisturbed(settings.retries, &mut latency.discarded, measure, |r: &loadgen::LatencyResult| {
+                    r.disturbed().then(|| {
+                        format!(
+                            "{:.2} cores of other work ran meanwhile, send lag p99 {:.0} µs",
+                            r.cpu.foreign, r.send_lag_p99_us
+                        )
+                    })
+                })?;
             match kind {
                 Kind::Baseline => latency.baseline.push(result),
                 Kind::Pounce => latency.pounce.push(result),
@@ -528,6 +535,7 @@ mod tests {
             storm_signals: 3,
             storm_interval: Duration::from_millis(100),
             memory_checkpoints: vec![1, 3],
+            retries: 0,
             criterion: criterion::Mode::Check,
             out: None,
             command: "bench smoke test".to_owned(),

@@ -419,7 +419,7 @@ impl Report {
             let _ = writeln!(md, "### {title}\n");
             let _ = writeln!(
                 md,
-                "| server | req/s (median) | runs (req/s) | p50 µs | p99 µs | errors | server CPU (cores) |\n|---|---|---|---|---|---|---|"
+                "| server | req/s (median) | runs (req/s) | p50 µs | p99 µs | errors | server CPU (cores) | server CPU µs per request |\n|---|---|---|---|---|---|---|---|"
             );
             for (label, runs, rps) in [
                 ("baseline", &comparison.baseline, comparison.baseline_rps()),
@@ -430,9 +430,11 @@ impl Report {
                 let p99 = median(&runs.iter().map(|r| r.p99_us).collect::<Vec<_>>());
                 let errors: u64 = runs.iter().map(WrkResult::failures).sum();
                 let cpu = median(&runs.iter().map(|r| r.cpu.server).collect::<Vec<_>>());
+                let per_request =
+                    median(&runs.iter().map(|r| r.cpu.server / r.requests_per_sec * 1e6).collect::<Vec<_>>());
                 let _ = writeln!(
                     md,
-                    "| {label} | {rps:.0} | {} | {p50:.0} | {p99:.0} | {errors} | {cpu:.2} |",
+                    "| {label} | {rps:.0} | {} | {p50:.0} | {p99:.0} | {errors} | {cpu:.2} | {per_request:.2} |",
                     list.join(", ")
                 );
             }
