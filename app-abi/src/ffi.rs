@@ -119,11 +119,13 @@ impl OwnedString {
     }
 
     /// A copy of the text, lossily decoded as UTF-8.
-    pub fn to_string_lossy(&self) -> String {
+    ///
+    /// # Safety
+    /// `self` was filled by an app's entry point (so it points to `len`
+    /// initialized bytes) and has not been freed yet.
+    pub unsafe fn to_string_lossy(&self) -> String {
         let slice = Slice { ptr: self.ptr, len: self.len };
-        // SAFETY: an `OwnedString` handed out by an app points to `len`
-        // initialized bytes until it is freed, and it has not been freed yet
-        // (freeing takes it by value).
+        // SAFETY: see the function's contract.
         String::from_utf8_lossy(unsafe { slice.as_bytes() }).into_owned()
     }
 }
@@ -170,8 +172,9 @@ pub mod status {
     pub const CHUNK: u32 = 4;
     /// `poll_chunk`: the stream ended.
     pub const END: u32 = 5;
-    /// `shutdown`: some of the generation's threads did not stop in time, so
-    /// the library must stay loaded.
+    /// `shutdown`, or a failed `init` (message in `out_error`): some of the
+    /// generation's threads did not stop in time, so the library must stay
+    /// loaded.
     pub const THREADS_LEFT: u32 = 6;
 }
 
@@ -345,7 +348,7 @@ pub struct HostVTable {
     pub abi_version: u32,
     pub size: u32,
     /// Prints one log record, tagged with the generation.
-    pub log: extern "C" fn(generation: u64, level: u32, target: Slice, message: Slice),
+    pub log: unsafe extern "C" fn(generation: u64, level: u32, target: Slice, message: Slice),
     /// Polls a request body. `waker` is borrowed for the call. See [`body_status`].
     pub body_poll: unsafe extern "C" fn(body: *mut HostBody, waker: *const FfiWaker, out: *mut Slice) -> u32,
 }
@@ -363,7 +366,8 @@ pub struct AppVTable {
     /// The version of `app-abi` the app was built with (static in the app).
     pub abi_crate_version: Slice,
     /// Builds the app. On [`status::OK`], `*out_app` is set; on
-    /// [`status::FAILED`] or [`status::PANICKED`], `*out_error` holds why.
+    /// [`status::FAILED`], [`status::PANICKED`] or [`status::THREADS_LEFT`],
+    /// `*out_error` holds why.
     pub init: unsafe extern "C" fn(
         ctx: *const InitContextC,
         out_app: *mut *mut AppInstance,
@@ -685,7 +689,10 @@ fn host_vtable() -> &'static HostVTable {
 /// Sends one log record to the host (used by the log forwarder and the panic hook).
 pub(crate) fn host_log(level: u32, target: &str, message: &str) {
     if let Some(link) = HOST.get() {
-        (link.host.log)(link.generation, level, Slice::new(target.as_bytes()), Slice::new(message.as_bytes()));
+        // SAFETY: both slices borrow strings that outlive the call.
+        unsafe {
+            (link.host.log)(link.generation, level, Slice::new(target.as_bytes()), Slice::new(message.as_bytes()))
+        };
     }
 }
 
@@ -783,22 +790,26 @@ unsafe extern "C" fn init<A: App>(
     let host = unsafe { &*ctx.host };
     let _ = HOST.set(HostLink { host, generation: ctx.generation });
     crate::log::install(ctx.generation, ctx.max_log_level);
-    let result = catch_unwind(AssertUnwindSafe(|| build_instance::<A>(ctx)));
-    let (code, message) = match result {
-        Ok(Ok(instance)) => {
+    let (code, message) = match build_instance::<A>(ctx) {
+        Ok(instance) => {
             // SAFETY: `out_app` is valid for the call.
             unsafe { *out_app = Box::into_raw(Box::new(instance)) as *mut AppInstance };
             return status::OK;
         }
-        Ok(Err(message)) => (status::FAILED, message),
-        Err(payload) => (status::PANICKED, panic_message(payload.as_ref())),
+        Err(failure) => failure,
     };
     // SAFETY: `out_error` is valid for the call; the host frees it with `free_string`.
     unsafe { *out_error = OwnedString::from_string(message) };
     code
 }
 
-fn build_instance<A: App>(ctx: &InitContextC) -> Result<Instance<A>, String> {
+/// How long a failed init's runtime gets to stop its threads.
+const FAILED_INIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Builds the generation's runtime and runs the app's init in it. On
+/// failure: the status and message for the host, after stopping the runtime
+/// ([`status::THREADS_LEFT`] if some of its threads would not stop).
+fn build_instance<A: App>(ctx: &InitContextC) -> Result<Instance<A>, (u32, String)> {
     let live_threads = Arc::new(AtomicUsize::new(0));
     let (started, stopped) = (live_threads.clone(), live_threads.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -812,15 +823,24 @@ fn build_instance<A: App>(ctx: &InitContextC) -> Result<Instance<A>, String> {
         })
         .enable_all()
         .build()
-        .map_err(|e| format!("could not start the app's tokio runtime: {e}"))?;
+        .map_err(|e| (status::FAILED, format!("could not start the app's tokio runtime: {e}")))?;
     let handle = runtime.handle().clone();
     let (drain, drain_rx) = tokio::sync::watch::channel(false);
     let init_ctx = InitContext::new(ctx.generation, settings_from(ctx), DrainSignal::new(drain_rx));
-    let app = {
+    let initialized = {
         let _entered = handle.enter();
-        A::init(&init_ctx).map_err(|e| e.to_string())?
+        catch_unwind(AssertUnwindSafe(|| A::init(&init_ctx)))
     };
-    Ok(Instance { app, runtime: Some(runtime), handle, drain, live_threads })
+    let failure = match initialized {
+        Ok(Ok(app)) => return Ok(Instance { app, runtime: Some(runtime), handle, drain, live_threads }),
+        Ok(Err(e)) => (status::FAILED, e.to_string()),
+        Err(payload) => (status::PANICKED, panic_message(payload.as_ref())),
+    };
+    runtime.shutdown_timeout(FAILED_INIT_GRACE);
+    if live_threads.load(Ordering::SeqCst) > 0 {
+        return Err((status::THREADS_LEFT, failure.1));
+    }
+    Err(failure)
 }
 
 unsafe extern "C" fn handle<A: App>(app: *const AppInstance, head: *const RequestHead) -> *mut ResponseFuture {

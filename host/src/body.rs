@@ -1,9 +1,10 @@
 //! The body of every response the host sends.
 //!
 //! One concrete type (no boxing) for host answers, complete app bodies and
-//! streamed app bodies. It carries the request's [`InFlight`] guard, so a
-//! request counts as in flight until hyper drops its body: after the last
-//! byte is written, or when the connection fails.
+//! streamed app bodies. It carries the request's guards ([`Activity`] on its
+//! connection, [`InFlight`] in its generation), so a request counts as in
+//! flight until hyper drops its body: after the last byte is written, or
+//! when the connection fails.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::access::RequestRecord;
-use crate::connection::InFlight;
+use crate::connection::{Activity, InFlight};
 use crate::ffi::AppStream;
 use crate::generation::Generation;
 
@@ -30,6 +31,7 @@ pub enum BodyAborted {
 pub struct ResponseBody {
     kind: Kind,
     _in_flight: Option<InFlight>,
+    _activity: Option<Activity>,
     record: Option<Box<RequestRecord>>,
 }
 
@@ -42,19 +44,26 @@ impl ResponseBody {
     /// A complete body.
     pub fn full(bytes: Bytes, in_flight: Option<InFlight>) -> ResponseBody {
         let bytes = (!bytes.is_empty()).then_some(bytes);
-        ResponseBody { kind: Kind::Full(bytes), _in_flight: in_flight, record: None }
+        ResponseBody { kind: Kind::Full(bytes), _in_flight: in_flight, _activity: None, record: None }
     }
 
     /// A body streamed from the app, cut short if `generation` is retired
     /// before it ends.
     pub fn stream(stream: AppStream, generation: Arc<Generation>, in_flight: InFlight) -> ResponseBody {
         let retired = Box::pin(async move { generation.cancelled().await });
-        ResponseBody { kind: Kind::Stream { stream, retired }, _in_flight: Some(in_flight), record: None }
+        ResponseBody {
+            kind: Kind::Stream { stream, retired },
+            _in_flight: Some(in_flight),
+            _activity: None,
+            record: None,
+        }
     }
 
-    /// Attaches the request's record, finished when this body is dropped.
-    pub fn observe(&mut self, record: RequestRecord) {
-        self.record = Some(Box::new(record));
+    /// Attaches the request's connection activity and its record (finished
+    /// when this body is dropped).
+    pub fn attach(&mut self, activity: Activity, record: Option<RequestRecord>) {
+        self._activity = Some(activity);
+        self.record = record.map(Box::new);
     }
 }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
 use crate::generation::Generation;
@@ -32,9 +33,28 @@ pub struct Connection {
     /// When the connection last became idle, in ms since `opened`.
     idle_since_ms: AtomicU64,
     opened: Instant,
+    /// The generation of the latest app request on this connection.
+    generation: AtomicU64,
+    /// Closes the connection at once (a retired generation's stuck response).
+    close: Notify,
 }
 
 impl Connection {
+    /// Notes that an app request of `generation` runs on this connection.
+    pub fn serves(&self, generation: u64) {
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// Whether a request of `generation` (or older) may still be running here.
+    pub fn may_hold(&self, generation: u64) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0 && self.generation.load(Ordering::Relaxed) <= generation
+    }
+
+    /// Closes the connection, cutting what runs on it.
+    pub fn close(&self) {
+        self.close.notify_one();
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -52,27 +72,44 @@ impl Connection {
     }
 }
 
-/// A request in flight: counted in its generation and its connection until
-/// its response body ends (the guard lives in the body).
-pub struct InFlight {
-    pub generation: Arc<Generation>,
+/// One request on its connection, from its head until its response body
+/// ends (the guard lives in the body): every request, host-answered or not,
+/// keeps the connection from counting as idle.
+pub struct Activity {
     connection: Arc<Connection>,
 }
 
-impl InFlight {
-    pub fn start(generation: Arc<Generation>, connection: Arc<Connection>) -> InFlight {
-        generation.request_started();
+impl Activity {
+    pub fn start(connection: Arc<Connection>) -> Activity {
         connection.in_flight.fetch_add(1, Ordering::AcqRel);
         connection.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight { generation, connection }
+        Activity { connection }
+    }
+}
+
+impl Drop for Activity {
+    fn drop(&mut self) {
+        let connection = &self.connection;
+        connection.idle_since_ms.store(connection.now_ms(), Ordering::Release);
+        connection.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request the app serves: counted in its generation until its response
+/// body ends (the guard lives in the body), which is what a drain waits for.
+pub struct InFlight {
+    pub generation: Arc<Generation>,
+}
+
+impl InFlight {
+    pub fn start(generation: Arc<Generation>) -> InFlight {
+        generation.request_started();
+        InFlight { generation }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let connection = &self.connection;
-        connection.idle_since_ms.store(connection.now_ms(), Ordering::Release);
-        connection.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.generation.request_ended();
     }
 }
@@ -88,7 +125,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<Server>) {
         requests: AtomicU64::new(0),
         idle_since_ms: AtomicU64::new(0),
         opened: Instant::now(),
+        generation: AtomicU64::new(0),
+        close: Notify::new(),
     });
+    server.track(&connection);
     let service = {
         let connection = connection.clone();
         service_fn(move |request| service::handle(request, connection.clone()))
@@ -125,6 +165,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<Server>) {
                 }
             }
             _ = force_close.changed() => break,
+            () = connection.close.notified() => {
+                tracing::debug!(%peer, "closing a connection held by a retired generation");
+                break;
+            }
         }
     }
 }

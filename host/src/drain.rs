@@ -21,6 +21,21 @@ use crate::server::Server;
 /// logged; their leases still keep the library loaded until they do.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a drained generation must stay idle to count as drained.
+const SETTLE: Duration = Duration::from_millis(10);
+
+/// Completes when `generation` has had no request in flight for a moment: a
+/// request that leased it just before the swap may not be counted yet.
+async fn settled(generation: &Generation) {
+    loop {
+        generation.idle().await;
+        tokio::time::sleep(SETTLE).await;
+        if generation.in_flight() == 0 {
+            return;
+        }
+    }
+}
+
 pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
     let number = old.number();
     let started = Instant::now();
@@ -28,7 +43,7 @@ pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
     server.add_draining(old.clone());
     server.emit(Event::GenerationDraining { generation: number, in_flight: old.in_flight() });
     let timeout = server.config.reload_timeout;
-    let timed_out = tokio::time::timeout(timeout, old.idle()).await.is_err();
+    let timed_out = tokio::time::timeout(timeout, settled(&old)).await.is_err();
     if timed_out {
         tracing::warn!(
             generation = number,
@@ -37,7 +52,13 @@ pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
             format_duration(timeout)
         );
         old.cancel();
-        let _ = tokio::time::timeout(CANCEL_GRACE, old.idle()).await;
+        if tokio::time::timeout(CANCEL_GRACE, old.idle()).await.is_err() {
+            // Responses hyper cannot finish writing (a client that stopped
+            // reading) never see the cancel: close their connections.
+            let closed = server.close_connections_of(number);
+            tracing::warn!(generation = number, closed, "closing connections still held by generation {number}");
+            let _ = tokio::time::timeout(CANCEL_GRACE, old.idle()).await;
+        }
     }
     server.remove_draining(number);
     server.emit(Event::GenerationRetired { generation: number, drain: started.elapsed(), timed_out });

@@ -7,7 +7,7 @@
 //! hyper) holds such a lease, so a generation's last `Arc` is dropped only
 //! when nothing can call into it any more: that drop is what unloads it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,7 +22,6 @@ pub struct Generation {
     number: u64,
     /// `Some` until the generation is dropped, when it moves to an unload thread.
     app: Option<LoadedApp>,
-    loaded_at: Instant,
     /// Requests whose response has not ended yet.
     in_flight: AtomicUsize,
     /// Wakes whoever waits for `in_flight` to reach zero.
@@ -39,7 +38,6 @@ impl Generation {
         Generation {
             number,
             app: Some(app),
-            loaded_at: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
             cancel: watch::Sender::new(false),
@@ -69,10 +67,6 @@ impl Generation {
 
     pub fn info(&self) -> &AppInfo {
         self.app().info()
-    }
-
-    pub fn age(&self) -> Duration {
-        self.loaded_at.elapsed()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -119,6 +113,16 @@ impl Generation {
     }
 }
 
+/// Set once the process is exiting (see [`begin_exit`]).
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// From now on, released generations run their app's `shutdown` but are not
+/// unmapped: the host's worker threads are exiting and may still run their
+/// thread-local destructors, and the process is about to end anyway.
+pub fn begin_exit() {
+    EXITING.store(true, Ordering::SeqCst);
+}
+
 impl Drop for Generation {
     /// The last lease is gone: nothing can call into the library any more.
     /// Unloading waits for the app's threads, so it runs on its own thread,
@@ -126,9 +130,14 @@ impl Drop for Generation {
     fn drop(&mut self) {
         let Some(app) = self.app.take() else { return };
         let (number, timeout) = (self.number, self.unload_timeout);
-        let spawned = std::thread::Builder::new()
-            .name(format!("pounce-unload-g{number}"))
-            .spawn(move || unload(number, app, timeout));
+        let exiting = EXITING.load(Ordering::SeqCst);
+        let spawned = std::thread::Builder::new().name(format!("pounce-unload-g{number}")).spawn(move || {
+            if exiting {
+                app.shut_down_for_exit(timeout);
+            } else {
+                unload(number, app, timeout);
+            }
+        });
         match spawned {
             Ok(handle) => {
                 let mut unloads = unloads();
@@ -169,11 +178,19 @@ fn unloads() -> std::sync::MutexGuard<'static, Vec<JoinHandle<()>>> {
 }
 
 /// Waits for every unload started so far (at exit, so the apps' `shutdown`
-/// runs before the process ends).
-pub fn wait_for_unloads() {
+/// runs before the process ends), but not past `deadline`: an app whose
+/// shutdown hangs must not keep the process alive.
+pub fn wait_for_unloads(deadline: Instant) {
     let pending = std::mem::take(&mut *unloads());
     for handle in pending {
-        let _ = handle.join();
+        while !handle.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            tracing::warn!("an app's shutdown did not finish in time; exiting without waiting for it");
+        }
     }
 }
 

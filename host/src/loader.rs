@@ -42,6 +42,12 @@ pub enum LoadError {
     Thread(io::Error),
     #[error("the loader thread for {} crashed", .path.display())]
     Crashed { path: PathBuf },
+    #[error(
+        "{}: loading took longer than reload_timeout ({}); abandoned (does the app's init block?)",
+        .path.display(),
+        crate::config::format_duration(*.limit)
+    )]
+    TimedOut { path: PathBuf, limit: Duration },
 }
 
 /// Loads generations of one app library.

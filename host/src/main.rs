@@ -7,7 +7,7 @@
 //! second SIGTERM/SIGINT (signal N) forced an immediate exit.
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -43,11 +43,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(1, e),
     };
+    let unload_timeout = config.shutdown_timeout;
     let outcome = runtime.block_on(run::serve(config, max_log_level));
     // Dropping the runtime drops every task, and with them the last leases
     // on the generations, whose unload threads run the apps' `shutdown`.
+    generation::begin_exit();
     runtime.shutdown_timeout(RUNTIME_GRACE);
-    generation::wait_for_unloads();
+    generation::wait_for_unloads(Instant::now() + unload_timeout + RUNTIME_GRACE);
     match outcome {
         Ok(()) => {
             tracing::info!("shutdown complete");

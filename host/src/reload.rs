@@ -38,9 +38,13 @@ async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool
     let serving = server.current.number();
     server.emit(Event::ReloadStarted { generation: number, serving, source: loader.source() });
     let loading = loader.clone();
-    let loaded = match tokio::task::spawn_blocking(move || loading.load(number)).await {
-        Ok(result) => result,
-        Err(_) => Err(LoadError::Crashed { path: loader.source().to_owned() }),
+    let limit = server.config.reload_timeout;
+    let loaded = match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || loading.load(number))).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(LoadError::Crashed { path: loader.source().to_owned() }),
+        // The load (an app init that hangs) is abandoned, not cancelled: if
+        // it ever finishes, its generation is simply released.
+        Err(_) => Err(LoadError::TimedOut { path: loader.source().to_owned(), limit }),
     };
     let loaded = match loaded {
         Ok(loaded) => loaded,

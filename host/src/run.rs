@@ -56,6 +56,9 @@ impl StartError {
 pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError> {
     let mut signals = Signals::install()?;
     tls::configure(config.unload_guard);
+    if !tls::is_enabled() {
+        tracing::warn!("--unload-guard off: retired generations will stay mapped (see ARCHITECTURE.md)");
+    }
     let loader =
         Arc::new(Loader::new(config.library.clone(), config.app_args.clone(), max_log_level, config.shutdown_timeout)?);
     let first = {

@@ -8,7 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
-use crate::connection;
+use crate::connection::{self, Connection};
 use crate::generation::{Current, Generation};
 use crate::metrics::Metrics;
 use crate::sd_notify::SdNotify;
@@ -68,6 +68,8 @@ pub struct Server {
     force_close: watch::Sender<bool>,
     connections: AtomicUsize,
     all_closed: Notify,
+    /// Every open connection, to close those a retired generation holds.
+    open: Mutex<Vec<Weak<Connection>>>,
     pub(crate) systemd: Option<SdNotify>,
     metrics: Option<Metrics>,
 }
@@ -86,6 +88,7 @@ impl Server {
             force_close: watch::Sender::new(false),
             connections: AtomicUsize::new(0),
             all_closed: Notify::new(),
+            open: Mutex::new(Vec::new()),
             systemd: SdNotify::from_env(),
             metrics: config.metrics_path.is_some().then(Metrics::new),
             config,
@@ -140,6 +143,24 @@ impl Server {
             }
             notified.await;
         }
+    }
+
+    /// Remembers an open connection (forgotten once it is dropped).
+    pub fn track(&self, connection: &Arc<Connection>) {
+        let mut open = lock(&self.open);
+        open.retain(|c| c.strong_count() > 0);
+        open.push(Arc::downgrade(connection));
+    }
+
+    /// Closes every connection that may still carry a request of
+    /// `generation`; returns how many.
+    pub fn close_connections_of(&self, generation: u64) -> usize {
+        let open: Vec<Arc<Connection>> = lock(&self.open).iter().filter_map(Weak::upgrade).collect();
+        let holding: Vec<&Arc<Connection>> = open.iter().filter(|c| c.may_hold(generation)).collect();
+        for connection in &holding {
+            connection.close();
+        }
+        holding.len()
     }
 
     pub fn add_draining(&self, generation: Arc<Generation>) {

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use crate::access::RequestRecord;
 use crate::body::ResponseBody;
 use crate::config::format_duration;
-use crate::connection::{Connection, InFlight};
+use crate::connection::{Activity, Connection, InFlight};
 use crate::ffi::{AppBody, AppCall, AppResponse, CallError};
 use crate::server::Server;
 use crate::{health, metrics};
@@ -31,12 +31,13 @@ pub async fn handle(
     request: Request<Incoming>,
     connection: Arc<Connection>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let record = RequestRecord::start(&connection.server, request.method(), request.uri().path());
+    let activity = Activity::start(connection.clone());
+    let mut record = RequestRecord::start(&connection.server, request.method(), request.uri().path());
     let (mut response, generation) = answer(request, &connection).await;
-    if let Some(mut record) = record {
+    if let Some(record) = &mut record {
         record.answered(response.status().as_u16(), generation);
-        response.body_mut().observe(record);
     }
+    response.body_mut().attach(activity, record);
     Ok(response)
 }
 
@@ -60,7 +61,8 @@ async fn answer(request: Request<Incoming>, connection: &Arc<Connection>) -> (Re
     }
     let generation = server.current.lease();
     let number = generation.number();
-    let in_flight = InFlight::start(generation.clone(), connection.clone());
+    connection.serves(number);
+    let in_flight = InFlight::start(generation.clone());
     let call = AppCall::start(generation, request, connection.peer, config.max_body_size);
     let outcome = run(call, &in_flight, config.request_timeout).await;
     (respond(outcome, in_flight, config.max_body_size), Some(number))

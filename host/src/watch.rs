@@ -40,6 +40,8 @@ const SETTLE: Duration = Duration::from_millis(100);
 pub enum WatchError {
     #[error("--reload: cannot watch {}: {error}", .path.display())]
     Path { path: PathBuf, error: String },
+    #[error("--reload: cannot start the watch thread: {0}")]
+    Thread(io::Error),
 }
 
 /// What to watch.
@@ -79,7 +81,7 @@ pub fn start(spec: WatchSpec, reload: Arc<Notify>) -> Result<Watch, WatchError> 
     std::thread::Builder::new()
         .name("pounce-watch".to_owned())
         .spawn(move || run(filter, rx, reload))
-        .map_err(|e| WatchError::Path { path: PathBuf::from("<watch thread>"), error: e.to_string() })?;
+        .map_err(WatchError::Thread)?;
     Ok(Watch { _watcher: watcher })
 }
 
@@ -156,6 +158,12 @@ struct Burst {
 
 impl Burst {
     fn add(&mut self, filter: &Filter, event: Event) {
+        if event.need_rescan() {
+            // Events were dropped (queue overflow): the library may have
+            // changed; its content hash tells.
+            self.library = true;
+            return;
+        }
         if matches!(event.kind, EventKind::Access(_)) {
             return;
         }
@@ -220,7 +228,10 @@ fn run(filter: Filter, events: Receiver<notify::Result<Event>>, reload: Arc<Noti
 fn add(filter: &Filter, burst: &mut Burst, event: notify::Result<Event>) {
     match event {
         Ok(event) => burst.add(filter, event),
-        Err(e) => tracing::warn!("--reload: watch error: {e}"),
+        Err(e) => {
+            tracing::warn!("--reload: watch error: {e}; checking the library again");
+            burst.library = true;
+        }
     }
 }
 

@@ -81,7 +81,9 @@ impl SampleApp {
             Ok(ms) => ms,
             Err(bad) => return bad,
         };
+        let mut report = CancelReport { ms, finished: false };
         sleep(Duration::from_millis(ms)).await;
+        report.finished = true;
         Response::text(format!("slept {ms} ms (generation {})\n", self.generation))
     }
 
@@ -107,6 +109,22 @@ impl SampleApp {
             }
         });
         response
+    }
+}
+
+/// Logs when a `/sleep` handler is dropped before it finished (the host
+/// cancelled it: a timeout, a retired generation, a client gone), so tests
+/// can see the cancellation reach the app.
+struct CancelReport {
+    ms: u64,
+    finished: bool,
+}
+
+impl Drop for CancelReport {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::info!(ms = self.ms, "sleep handler cancelled before it finished");
+        }
     }
 }
 

@@ -113,10 +113,13 @@ fn systemd_watchdog_is_fed_while_serving() {
     assert_eq!(pings, 3, "WATCHDOG=1 every 100 ms:\n{}", server.logs());
 }
 
-#[test]
-fn without_notify_socket_nothing_is_sent_and_nothing_fails() {
-    let server = Server::start(&sample_app(), &[]);
-    assert!(!server.logs().contains("NOTIFY_SOCKET"), "{}", server.logs());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_notify_socket_fails_nothing() {
+    let server = Server::start_with_env(&sample_app(), &[], &[("NOTIFY_SOCKET", "/nonexistent/notify.sock")]);
+    assert_eq!(get(server.addr, "/").await.unwrap().status, 200);
+    server.signal(libc::SIGHUP);
+    assert!(server.wait_for_log("generation 2 published", Duration::from_secs(20)), "{}", server.logs());
+    assert_eq!(get(server.addr, "/health").await.unwrap().status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

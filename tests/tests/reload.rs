@@ -124,6 +124,7 @@ async fn reload_timeout_cuts_what_is_still_running() {
     let reply = long.await.unwrap().unwrap();
     let took = started.elapsed();
     assert_eq!(reply.status, 503, "the cut request is answered, not hung");
+    assert!(server.wait_for_log("sleep handler cancelled", Duration::from_secs(5)), "{}", server.logs());
     assert!(took >= Duration::from_millis(1000) && took < Duration::from_secs(5), "cut after about a second: {took:?}");
     assert!(server.wait_for_log("generation 1 retired", Duration::from_secs(5)), "{}", server.logs());
     assert!(server.logs().lines().any(|l| l.contains("generation 1 retired") && l.contains("timed_out=true")));

@@ -119,7 +119,12 @@ async fn request_timeout_answers_504_and_cancels_the_handler() {
     assert!(reply.text().contains("did not answer within 1s"), "{}", reply.text());
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{took:?}");
     let json: serde_json::Value = serde_json::from_slice(&get(server.addr, "/health").await.unwrap().body).unwrap();
-    assert_eq!(json["in_flight"], 0, "the handler was cancelled");
+    assert_eq!(json["in_flight"], 0);
+    assert!(
+        server.wait_for_log("sleep handler cancelled", Duration::from_secs(5)),
+        "the app's handler was dropped:\n{}",
+        server.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,4 +167,15 @@ async fn sigterm_during_a_reload_exits_cleanly_without_publishing() {
     let status = server.wait_exit(Duration::from_secs(10)).expect("exits");
     assert_eq!(status.code(), Some(0), "{}", server.logs());
     assert!(!server.logs().contains("generation 2 published"), "{}", server.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_used_for_health_checks_is_not_cut() {
+    let server = Server::start(&sample_app(), &["--header-timeout", "1s", "--keep-alive-timeout", "1s"]);
+    let mut client = pounce_tests::Client::connect(server.addr).await.unwrap();
+    // Polled more often than either timeout, for longer than both.
+    for _ in 0..8 {
+        assert_eq!(client.get("/health").await.expect("the connection stays open").status, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

@@ -62,6 +62,8 @@ pub enum OpenError {
     InitFailed(String),
     #[error("the app's init panicked: {0}")]
     InitPanicked(String),
+    #[error("the app's init failed ({0}) and left threads running; the library stays loaded so they cannot crash")]
+    InitThreadsLeft(String),
 }
 
 /// How an unload ended.
@@ -123,6 +125,11 @@ impl LoadedApp {
         tls_guard::register(entry, generation);
         match Self::start(entry, generation, settings, max_log_level) {
             Ok((vtable, instance, info)) => Ok(LoadedApp { library, vtable, instance, generation, info }),
+            Err(e @ OpenError::InitThreadsLeft(_)) => {
+                // Unmapping would pull the code out from under those threads.
+                std::mem::forget(library);
+                Err(e)
+            }
             Err(e) => {
                 tls_guard::unregister(generation);
                 library.close();
@@ -189,6 +196,18 @@ impl LoadedApp {
         unsafe { (self.vtable().drain)(self.instance) };
     }
 
+    /// Runs the app's shutdown (waiting up to `timeout` for its threads) but
+    /// leaves the library mapped: for the end of the process, when host
+    /// threads that may still run its thread-local destructors are exiting
+    /// concurrently and unmapping would gain nothing.
+    pub fn shut_down_for_exit(self, timeout: Duration) {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        // SAFETY: as in `unload`: nothing of the generation runs any more and
+        // `self` is consumed, so `shutdown` is called once.
+        unsafe { (self.vtable().shutdown)(self.instance, timeout_ms) };
+        std::mem::forget(self.library);
+    }
+
     /// Shuts the app down (waiting up to `timeout` for its threads) and
     /// closes the library. The caller guarantees that no request, stream or
     /// waker of this generation is left, which holding the last reference to
@@ -209,10 +228,6 @@ impl LoadedApp {
         } else {
             Unloaded::StillMapped
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.library.path()
     }
 }
 
@@ -247,20 +262,28 @@ fn init(
     // SAFETY: every pointer is valid for the call; `pairs` and `settings`
     // outlive it.
     let code = unsafe { (vtable.init)(&ctx, &mut instance, &mut error) };
-    if code == status::OK && !instance.is_null() {
-        return Ok(instance);
+    match (code, instance.is_null()) {
+        (status::OK, false) => return Ok(instance),
+        (status::OK, true) => return Err(OpenError::InitFailed("it reported success but returned no app".to_owned())),
+        (status::FAILED | status::PANICKED | status::THREADS_LEFT, _) => {}
+        (other, _) => return Err(OpenError::InitFailed(format!("it returned the unknown status {other}"))),
     }
-    let message = error.to_string_lossy();
+    // SAFETY: on these statuses the app filled `error`, which is not freed yet.
+    let message = unsafe { error.to_string_lossy() };
     // SAFETY: `error` was allocated by this app and is given back once.
     unsafe { (vtable.free_string)(error) };
     match code {
         status::PANICKED => Err(OpenError::InitPanicked(message)),
+        status::THREADS_LEFT => Err(OpenError::InitThreadsLeft(message)),
         _ => Err(OpenError::InitFailed(message)),
     }
 }
 
 /// Prints a log record from the app, tagged with its generation.
-extern "C" fn app_log(generation: u64, level: u32, target: Slice, message: Slice) {
+///
+/// # Safety
+/// `target` and `message` are valid for the call (the app's glue lends them).
+unsafe extern "C" fn app_log(generation: u64, level: u32, target: Slice, message: Slice) {
     let _ = catch_unwind(|| {
         // SAFETY: the app passes slices valid for the call.
         let (target, message) = unsafe { (target.as_bytes(), message.as_bytes()) };

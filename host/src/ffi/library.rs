@@ -93,8 +93,4 @@ impl Library {
         unsafe { libc::dlclose(still) };
         false
     }
-
-    pub(super) fn path(&self) -> &Path {
-        &self.path
-    }
 }

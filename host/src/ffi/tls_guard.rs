@@ -47,6 +47,7 @@ use super::library::Library;
 type Destructor = unsafe extern "C" fn(*mut c_void);
 type AtexitImpl = unsafe extern "C" fn(Destructor, *mut c_void, *mut c_void) -> c_int;
 type KeyCreate = unsafe extern "C" fn(*mut libc::pthread_key_t, Option<Destructor>) -> c_int;
+type KeyDelete = unsafe extern "C" fn(libc::pthread_key_t) -> c_int;
 
 /// Whether app destructors are redirected (`--unload-guard`).
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -54,6 +55,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 /// up once.
 static REAL_ATEXIT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static REAL_KEY_CREATE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static REAL_KEY_DELETE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 /// The live app generations, by the base address their library is mapped at.
 static GENERATIONS: Mutex<Vec<Arc<Guarded>>> = Mutex::new(Vec::new());
 static SKIPPED: AtomicU64 = AtomicU64::new(0);
@@ -81,6 +83,7 @@ pub fn set_enabled(enabled: bool) {
     // the executable (apps only reach them through the dynamic symbol table).
     std::hint::black_box(__cxa_thread_atexit_impl as AtexitImpl);
     std::hint::black_box(pthread_key_create as KeyCreate);
+    std::hint::black_box(pthread_key_delete as KeyDelete);
     ENABLED.store(enabled, Ordering::SeqCst);
 }
 
@@ -122,11 +125,13 @@ pub(super) fn unregister(generation: u64) {
         while guarded.running.load(Ordering::SeqCst) > 0 {
             std::thread::yield_now();
         }
+        let Some(delete) = real_key_delete() else { return };
         for key in guarded.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).drain(..) {
-            // SAFETY: the key was created for this generation's std, whose
-            // code will not run again; deleting it only stops glibc from
-            // calling its destructor and frees the slot.
-            unsafe { libc::pthread_key_delete(key) };
+            // SAFETY: the key was created for this generation's std and is
+            // still its own (deletes are tracked by the interposer below);
+            // its code will not run again, so deleting it only stops glibc
+            // from calling its destructor and frees the slot.
+            unsafe { delete(key) };
         }
     }
 }
@@ -147,6 +152,12 @@ fn real_atexit() -> Option<AtexitImpl> {
     // SAFETY: a non-null result is glibc's function, whose signature is
     // `AtexitImpl` (glibc's stdlib/cxa_thread_atexit_impl.c).
     (!real.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, AtexitImpl>(real) })
+}
+
+fn real_key_delete() -> Option<KeyDelete> {
+    let real = real_symbol(&REAL_KEY_DELETE, c"pthread_key_delete");
+    // SAFETY: a non-null result is glibc's `pthread_key_delete` (POSIX signature).
+    (!real.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, KeyDelete>(real) })
 }
 
 fn real_key_create() -> Option<KeyCreate> {
@@ -213,6 +224,22 @@ pub unsafe extern "C" fn pthread_key_create(key: *mut libc::pthread_key_t, destr
         }
     }
     code
+}
+
+/// The third interposer: a key deleted by its owner (std deletes a key it
+/// created in a lost race) is forgotten, so an unload never deletes a slot
+/// that glibc has since handed to someone else.
+///
+/// # Safety
+/// The contract of POSIX `pthread_key_delete`.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_key_delete(key: libc::pthread_key_t) -> c_int {
+    let Some(real) = real_key_delete() else { return libc::EINVAL };
+    for guarded in generations().iter() {
+        guarded.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|&k| k != key);
+    }
+    // SAFETY: forwarding the caller's argument unchanged to glibc.
+    unsafe { real(key) }
 }
 
 /// Runs at thread exit in place of an app's destructor.
