@@ -7,13 +7,17 @@
 //!
 //! - Watches the app's `src/`, its `Cargo.toml` and the `--reload-dir`s among
 //!   the serve options; never `target/`, hidden directories or editor
-//!   temporary files.
+//!   temporary files. Watching starts before the first build, so a change
+//!   saved during it is built once serving starts.
 //! - One `cargo build` at a time; changes during a build queue one more.
 //! - A good build is loaded with SIGHUP (a signal, not a file-watch race); a
 //!   failed build prints the compiler's errors and the last good build keeps
 //!   serving.
 //! - Ctrl-C stops the host gracefully (it runs in its own process group, so
-//!   it gets exactly one SIGINT, from here) and exits with its status.
+//!   it gets signals only from here: one SIGINT per Ctrl-C, and a second one
+//!   stops it at once) and exits with its status.
+//! - However else `dev` ends (an error, a panic), the host is not left behind:
+//!   it gets a SIGINT and is killed if it has not exited within 15 s.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -42,6 +46,8 @@ rebuilds and reloads it whenever its sources change.
 const QUIET: Duration = Duration::from_millis(100);
 /// How long to wait for the host to report a reload.
 const RELOAD_WAIT: Duration = Duration::from_secs(60);
+/// How long a host left behind by an early exit gets to shut down.
+const CLEANUP_WAIT: Duration = Duration::from_secs(15);
 
 struct Options {
     package: Option<String>,
@@ -167,23 +173,66 @@ pub fn main(args: Vec<String>) -> anyhow::Result<()> {
         print!("{USAGE}");
         return Ok(());
     };
+    // Signals and changes are caught from the start; both wait in `rx`
+    // until serving starts.
+    let (tx, rx) = channel();
+    spawn_interrupt_listener(tx.clone())?;
     let app = App::locate(&options)?;
+    let _watcher = watch(&app, &options.reload_dirs(), tx.clone())?;
     let host_binary = match &options.host_binary {
         Some(path) => path.clone(),
         None => build_host()?,
     };
     say(&format!("building {}", app.name));
-    let first = build(&app.manifest, &app.name);
-    if !first.0 {
-        eprint!("{}", first.1);
+    let (ok, output) = build(&app.manifest, &app.name);
+    if interrupted_early(&rx, &tx) {
+        bail!("interrupted before pounce-host started");
+    }
+    if !ok {
+        eprint!("{output}");
         bail!("the first build of {} failed; fix it and run cargo xtask dev again", app.name);
     }
-    let (tx, rx) = channel();
-    let mut host = start_host(&host_binary, &app, &options.serve, tx.clone())?;
-    let _watcher = watch(&app, &options.reload_dirs(), tx.clone())?;
-    spawn_interrupt_listener(tx.clone())?;
-    let status = Session::new(&app, tx).run(&rx, &mut host)?;
-    std::process::exit(status.code().unwrap_or(1));
+    let mut host = Host(start_host(&host_binary, &app, &options.serve, tx.clone())?);
+    let status = Session::new(&app, tx).run(&rx, &mut host.0);
+    // `exit` skips destructors: stop the host first, whatever happened.
+    drop(host);
+    std::process::exit(status?.code().unwrap_or(1));
+}
+
+/// Whether Ctrl-C or SIGTERM arrived before serving started; any other
+/// messages stay queued, in order.
+fn interrupted_early(rx: &Receiver<Message>, tx: &Sender<Message>) -> bool {
+    let early: Vec<Message> = rx.try_iter().collect();
+    let interrupted = early.iter().any(|message| matches!(message, Message::Interrupted));
+    for message in early {
+        let _ = tx.send(message);
+    }
+    interrupted
+}
+
+/// The running host. Dropped while the host still runs (an error or panic
+/// in the dev loop), it stops the host: one SIGINT, then a kill after
+/// [`CLEANUP_WAIT`].
+struct Host(Child);
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        say("stopping pounce-host");
+        signal_host(&self.0, "-INT");
+        let deadline = Instant::now() + CLEANUP_WAIT;
+        while matches!(self.0.try_wait(), Ok(None)) {
+            if Instant::now() >= deadline {
+                say("pounce-host did not stop; killing it");
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 fn say(line: &str) {
@@ -219,7 +268,7 @@ fn start_host(binary: &Path, app: &App, serve: &[String], tx: Sender<Message>) -
         .arg(&app.library)
         .stderr(Stdio::piped())
         // Its own process group: a terminal's Ctrl-C reaches only us, and we
-        // pass exactly one SIGINT on (a second one would cut the drain).
+        // pass one SIGINT on per Ctrl-C (the second cuts the drain short).
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
@@ -283,21 +332,16 @@ fn watch(app: &App, reload_dirs: &[PathBuf], tx: Sender<Message>) -> anyhow::Res
     Ok(watcher)
 }
 
-/// Ctrl-C (SIGINT) or SIGTERM to the dev loop becomes a message.
+/// Every Ctrl-C (SIGINT) or SIGTERM to the dev loop becomes a message.
 fn spawn_interrupt_listener(tx: Sender<Message>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::spawn(move || {
-        runtime.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        for _ in signals.forever() {
+            if tx.send(Message::Interrupted).is_err() {
                 return;
-            };
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
             }
-        });
-        let _ = tx.send(Message::Interrupted);
+        }
     });
     Ok(())
 }
@@ -332,7 +376,7 @@ impl<'a> Session<'a> {
                 return Ok(status);
             }
             match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(Message::Interrupted) => return self.stop(host),
+                Ok(Message::Interrupted) => return stop(rx, host),
                 Ok(message) => self.handle(message, host),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => bail!("the dev loop lost its event sources"),
@@ -410,11 +454,25 @@ impl<'a> Session<'a> {
             say("more changes arrived during the build; building again");
         }
     }
+}
 
-    fn stop(self, host: &mut Child) -> anyhow::Result<ExitStatus> {
-        say("stopping pounce-host (graceful shutdown)");
-        signal_host(host, "-INT");
-        Ok(host.wait()?)
+/// Stops the host gracefully; another Ctrl-C meanwhile is passed on, which
+/// makes the host exit at once.
+fn stop(rx: &Receiver<Message>, host: &mut Child) -> anyhow::Result<ExitStatus> {
+    say("stopping pounce-host (graceful shutdown; Ctrl-C again to stop at once)");
+    signal_host(host, "-INT");
+    loop {
+        if let Some(status) = host.try_wait()? {
+            return Ok(status);
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Message::Interrupted) => {
+                say("stopping pounce-host at once");
+                signal_host(host, "-INT");
+            }
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(host.wait()?),
+        }
     }
 }
 
