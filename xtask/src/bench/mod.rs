@@ -378,8 +378,12 @@ fn compare(
     Ok(comparison)
 }
 
-/// Runs `measure` until `disturbed` finds nothing wrong with its result, at
-/// most `retries` more times, counting the discarded attempts.
+/// How long a measurement waits for other work on the machine to end.
+const QUIET_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits for a quiet machine, then runs `measure` until `disturbed` finds
+/// nothing wrong with its result, at most `retries` more times, counting the
+/// discarded attempts.
 fn undisturbed<T>(
     retries: usize,
     discarded: &mut usize,
@@ -388,6 +392,9 @@ fn undisturbed<T>(
 ) -> Result<T> {
     let mut attempt = 0;
     loop {
+        if retries > 0 && procs::wait_for_quiet(QUIET_WAIT)?.is_none() {
+            eprintln!("    the machine stayed busy for {QUIET_WAIT:?}; measuring anyway");
+        }
         let result = measure()?;
         match disturbed(&result) {
             Some(why) if attempt < retries => {

@@ -205,6 +205,30 @@ impl CpuWatch {
     }
 }
 
+/// Waits until the machine is quiet: less than [`MAX_FOREIGN_CPU`] cores
+/// busy over half a second (our servers are idle between runs), at most
+/// `max_wait`. Returns how long it waited, or `None` if it never got quiet.
+pub fn wait_for_quiet(max_wait: Duration) -> Result<Option<Duration>> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let (machine, ours) = (machine_busy_seconds()?, own_cpu_seconds());
+        let window = Instant::now();
+        sleep(Duration::from_millis(500))?;
+        let busy = (machine_busy_seconds()? - machine - (own_cpu_seconds() - ours)) / window.elapsed().as_secs_f64();
+        if busy <= MAX_FOREIGN_CPU {
+            return Ok(Some(started.elapsed()));
+        }
+        if started.elapsed() >= max_wait {
+            return Ok(None);
+        }
+        if !said {
+            eprintln!("    waiting for other work on the machine to finish ({busy:.2} cores busy)");
+            said = true;
+        }
+    }
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
