@@ -1,28 +1,75 @@
 //! One client connection: HTTP/1.1 or HTTP/2 (prior knowledge), its idle and
 //! header timeouts, and its part in a graceful shutdown.
 //!
-//! The timeouts are enforced by one timer per connection that wakes only at
-//! its deadline (not per request): while no request is in flight, a
-//! connection that has never finished a request head is closed after
-//! `header_timeout`, and one that has is closed after `keep_alive_timeout`.
-//! Nothing is lost by closing then: no request of it is in flight. This also
-//! covers what hyper's own timers do not: a connection that never sends a
-//! byte, and HTTP/2 connections.
+//! A connection task waits on two things only: its hyper connection, and
+//! its [`Control`] (one atomic and a waker). Nothing else is polled when a
+//! request arrives, so the timeouts and the shutdown cost the request path
+//! nothing. The server's sweeper (`server::sweep`) looks at every open
+//! connection a few times a second and closes those past a deadline; a
+//! shutdown asks every connection to finish gracefully, and a retired
+//! generation closes the connections it still holds, through the same
+//! control.
+//!
+//! Deadlines, while no request of the connection is in flight (so closing
+//! loses nothing):
+//! - bytes of a request head arrived but the head is not complete: closed
+//!   `header_timeout` after the first of them (slowloris);
+//! - nothing arrived since the connection opened: closed after
+//!   `header_timeout` (a connection that never sends a request);
+//! - nothing arrived since the last response: closed after
+//!   `keep_alive_timeout`.
+//! The sweep runs every [`SWEEP`], so a deadline is enforced within that.
 
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
-use tokio::time::{sleep_until, Instant};
 
 use crate::generation::Generation;
 use crate::server::Server;
 use crate::service;
+
+/// How often the server checks connection deadlines.
+pub const SWEEP: Duration = Duration::from_millis(100);
+
+/// What a connection task is asked to do, in increasing order.
+const SERVE: u8 = 0;
+const FINISH: u8 = 1;
+const CLOSE: u8 = 2;
+
+/// How the rest of the server steers a connection task.
+struct Control {
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Control {
+    fn set(&self, state: u8) {
+        self.state.fetch_max(state, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// Ready with the new state once it differs from `seen`.
+    fn poll_change(&self, cx: &mut Context<'_>, seen: u8) -> Poll<u8> {
+        self.waker.register(cx.waker());
+        let state = self.state.load(Ordering::Acquire);
+        if state == seen {
+            Poll::Pending
+        } else {
+            Poll::Ready(state)
+        }
+    }
+}
 
 /// What the requests of one connection share.
 pub struct Connection {
@@ -32,11 +79,15 @@ pub struct Connection {
     requests: AtomicU64,
     /// When the connection last became idle, in ms since `opened`.
     idle_since_ms: AtomicU64,
+    /// When bytes of the next request head started to arrive, in ms since
+    /// `opened`, plus one; 0 when none are pending.
+    head_since_ms: AtomicU64,
     opened: Instant,
     /// The generation of the latest app request on this connection.
     generation: AtomicU64,
-    /// Closes the connection at once (a retired generation's stuck response).
-    close: Notify,
+    /// Accepted during a shutdown: answered `503`, not asked to finish.
+    accepted_in_shutdown: bool,
+    control: Control,
 }
 
 impl Connection {
@@ -50,25 +101,95 @@ impl Connection {
         self.in_flight.load(Ordering::Acquire) > 0 && self.generation.load(Ordering::Relaxed) <= generation
     }
 
-    /// Closes the connection, cutting what runs on it.
+    /// Closes the connection at once, cutting what runs on it.
     pub fn close(&self) {
-        self.close.notify_one();
+        self.control.set(CLOSE);
+    }
+
+    /// Lets the current response finish, then closes (HTTP/2: GOAWAY).
+    pub fn finish(&self) {
+        if !self.accepted_in_shutdown {
+            self.control.set(FINISH);
+        }
+    }
+
+    /// Whether an idle or header deadline has passed at `now`.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.deadline().is_some_and(|deadline| deadline <= now)
     }
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// When to close the connection if it stays idle; `None` while busy.
-    fn idle_deadline(&self) -> Option<Instant> {
+    fn since_opened(&self, ms: u64) -> Instant {
+        self.opened + Duration::from_millis(ms)
+    }
+
+    /// When to close the connection unless something happens; `None` while
+    /// a request is in flight.
+    fn deadline(&self) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
         let config = &self.server.config;
-        let allowed =
-            if self.requests.load(Ordering::Relaxed) == 0 { config.header_timeout } else { config.keep_alive_timeout };
-        let idle_since = self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
-        Some(idle_since + allowed)
+        let head = self.head_since_ms.load(Ordering::Acquire);
+        if head > 0 {
+            return Some(self.since_opened(head - 1) + config.header_timeout);
+        }
+        let idle_since = self.since_opened(self.idle_since_ms.load(Ordering::Acquire));
+        let first = self.requests.load(Ordering::Relaxed) == 0;
+        Some(idle_since + if first { config.header_timeout } else { config.keep_alive_timeout })
+    }
+
+    /// Bytes arrived: if no request is in flight, a request head has begun.
+    fn bytes_arrived(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.head_since_ms.load(Ordering::Relaxed) == 0 {
+            self.head_since_ms.store(self.now_ms() + 1, Ordering::Release);
+        }
+    }
+}
+
+/// The socket, noting when request bytes arrive (for `header_timeout`).
+struct Watched {
+    stream: TcpStream,
+    connection: Arc<Connection>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.connection.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -83,6 +204,7 @@ impl Activity {
     pub fn start(connection: Arc<Connection>) -> Activity {
         connection.in_flight.fetch_add(1, Ordering::AcqRel);
         connection.requests.fetch_add(1, Ordering::Relaxed);
+        connection.head_since_ms.store(0, Ordering::Release);
         Activity { connection }
     }
 }
@@ -114,8 +236,7 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves one accepted connection until it ends, times out, or is closed by
-/// a shutdown.
+/// Serves one accepted connection until it ends, or the server closes it.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<Server>) {
     let _ = stream.set_nodelay(true);
     let connection = Arc::new(Connection {
@@ -124,50 +245,41 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<Server>) {
         in_flight: AtomicUsize::new(0),
         requests: AtomicU64::new(0),
         idle_since_ms: AtomicU64::new(0),
+        head_since_ms: AtomicU64::new(0),
         opened: Instant::now(),
         generation: AtomicU64::new(0),
-        close: Notify::new(),
+        accepted_in_shutdown: server.is_shutting_down(),
+        control: Control { state: AtomicU8::new(SERVE), waker: AtomicWaker::new() },
     });
     server.track(&connection);
     let service = {
         let connection = connection.clone();
         service_fn(move |request| service::handle(request, connection.clone()))
     };
-    let conn = server.http.serve_connection(TokioIo::new(stream), service);
+    let io = TokioIo::new(Watched { stream, connection: connection.clone() });
+    let conn = server.http.serve_connection(io, service);
     tokio::pin!(conn);
-    let mut shutdown = server.shutdown_signal();
-    let mut force_close = server.force_close_signal();
-    // A connection accepted during shutdown is answered (503), not cut.
-    let mut graceful = server.is_shutting_down();
-    let idle = sleep_until(connection.idle_deadline().unwrap_or_else(Instant::now));
-    tokio::pin!(idle);
+    let mut seen = SERVE;
     loop {
-        tokio::select! {
-            biased;
-            ended = conn.as_mut() => {
+        let step = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+            Poll::Ready(ended) => Poll::Ready(Err(ended)),
+            Poll::Pending => connection.control.poll_change(cx, seen).map(Ok),
+        })
+        .await;
+        match step {
+            Err(ended) => {
                 if let Err(e) = ended {
                     tracing::debug!(%peer, "connection ended: {e}");
                 }
-                break;
+                return;
             }
-            () = &mut idle => match connection.idle_deadline() {
-                Some(deadline) if deadline <= Instant::now() => {
-                    tracing::debug!(%peer, "closing idle connection");
-                    break;
-                }
-                Some(deadline) => idle.as_mut().reset(deadline),
-                None => idle.as_mut().reset(Instant::now() + server.config.keep_alive_timeout),
-            },
-            changed = shutdown.changed(), if !graceful => {
-                graceful = true;
-                if changed.is_ok() {
-                    conn.as_mut().graceful_shutdown();
-                }
+            Ok(FINISH) => {
+                seen = FINISH;
+                conn.as_mut().graceful_shutdown();
             }
-            _ = force_close.changed() => break,
-            () = connection.close.notified() => {
-                tracing::debug!(%peer, "closing a connection held by a retired generation");
-                break;
+            Ok(_) => {
+                tracing::debug!(%peer, "closing the connection");
+                return;
             }
         }
     }

@@ -78,6 +78,7 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     let info = first.generation.info().clone();
     let server = Arc::new(Server::new(config, first.generation));
     tokio::spawn(server::accept_loop(server.clone(), listener));
+    tokio::spawn(server::sweep(server.clone()));
     server.emit(Event::Ready {
         address,
         app: &info.name,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket};
@@ -64,7 +64,6 @@ pub struct Server {
     draining: Mutex<Vec<Arc<Generation>>>,
     last_reload: Mutex<Option<ReloadReport>>,
     shutting_down: AtomicBool,
-    shutdown: watch::Sender<bool>,
     force_close: watch::Sender<bool>,
     connections: AtomicUsize,
     all_closed: Notify,
@@ -84,7 +83,6 @@ impl Server {
             draining: Mutex::new(Vec::new()),
             last_reload: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
-            shutdown: watch::Sender::new(false),
             force_close: watch::Sender::new(false),
             connections: AtomicUsize::new(0),
             all_closed: Notify::new(),
@@ -110,10 +108,6 @@ impl Server {
         self.shutting_down.load(Ordering::Relaxed)
     }
 
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
     pub fn force_close_signal(&self) -> watch::Receiver<bool> {
         self.force_close.subscribe()
     }
@@ -122,12 +116,22 @@ impl Server {
     /// close, busy ones close after their current response.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
-        self.shutdown.send_replace(true);
+        for connection in self.open_connections() {
+            connection.finish();
+        }
     }
 
-    /// Closes every connection still open, cancelling what runs on them.
+    /// Closes every connection still open, cancelling what runs on them,
+    /// and stops accepting.
     pub fn force_close(&self) {
         self.force_close.send_replace(true);
+        for connection in self.open_connections() {
+            connection.close();
+        }
+    }
+
+    fn open_connections(&self) -> Vec<Arc<Connection>> {
+        lock(&self.open).iter().filter_map(Weak::upgrade).collect()
     }
 
     pub fn connections(&self) -> usize {
@@ -155,7 +159,7 @@ impl Server {
     /// Closes every connection that may still carry a request of
     /// `generation`; returns how many.
     pub fn close_connections_of(&self, generation: u64) -> usize {
-        let open: Vec<Arc<Connection>> = lock(&self.open).iter().filter_map(Weak::upgrade).collect();
+        let open = self.open_connections();
         let holding: Vec<&Arc<Connection>> = open.iter().filter(|c| c.may_hold(generation)).collect();
         for connection in &holding {
             connection.close();
@@ -203,19 +207,29 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// hyper's own header-read timer is off: it would arm a timer for every
+/// request, and `connection` enforces `header_timeout` without one.
 fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(true).header_read_timeout(None).max_buf_size(config.max_header_size);
+    builder.http2().max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX));
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(config.header_timeout)
-        .max_buf_size(config.max_header_size);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX));
-    builder
+}
+
+/// Closes connections past their idle or header deadline, every
+/// [`connection::SWEEP`].
+pub async fn sweep(server: Arc<Server>) {
+    let mut ticks = tokio::time::interval(connection::SWEEP);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        for connection in server.open_connections() {
+            if connection.is_expired(now) {
+                connection.close();
+            }
+        }
+    }
 }
 
 /// Opens the listening socket (with `SO_REUSEADDR`, so a restart does not
