@@ -373,8 +373,18 @@ pub struct AppVTable {
         out_app: *mut *mut AppInstance,
         out_error: *mut OwnedString,
     ) -> u32,
-    /// Starts handling a request. Null if the app panicked.
-    pub handle: unsafe extern "C" fn(app: *const AppInstance, head: *const RequestHead) -> *mut ResponseFuture,
+    /// Starts handling a request and polls it once, so an answer that is
+    /// ready at once costs one call. Returns like `poll_response`; on
+    /// [`status::OK`] and [`status::PENDING`], `*out_future` is the future
+    /// (the host polls it until OK, then gives it back with `drop_response`);
+    /// on [`status::PANICKED`] it is null.
+    pub handle: unsafe extern "C" fn(
+        app: *const AppInstance,
+        head: *const RequestHead,
+        waker: *const FfiWaker,
+        out: *mut ResponseHead,
+        out_future: *mut *mut ResponseFuture,
+    ) -> u32,
     /// [`status::OK`] (head in `out`), [`status::PENDING`] or [`status::PANICKED`].
     pub poll_response:
         unsafe extern "C" fn(future: *mut ResponseFuture, waker: *const FfiWaker, out: *mut ResponseHead) -> u32,
@@ -843,13 +853,19 @@ fn build_instance<A: App>(ctx: &InitContextC) -> Result<Instance<A>, (u32, Strin
     Err(failure)
 }
 
-unsafe extern "C" fn handle<A: App>(app: *const AppInstance, head: *const RequestHead) -> *mut ResponseFuture {
+unsafe extern "C" fn handle<A: App>(
+    app: *const AppInstance,
+    head: *const RequestHead,
+    waker: *const FfiWaker,
+    out: *mut ResponseHead,
+    out_future: *mut *mut ResponseFuture,
+) -> u32 {
     // SAFETY: `app` came from our `init` and is live until `shutdown`.
     let instance = unsafe { &*(app as *const Instance<A>) };
     // SAFETY: the host keeps `head` valid until `drop_response` (module rules).
     let head = HeadRef { head: unsafe { &*head } };
+    let _entered = instance.handle.enter();
     let made = catch_unwind(AssertUnwindSafe(|| {
-        let _entered = instance.handle.enter();
         let future: Pin<Box<dyn Future<Output = Response> + Send + '_>> =
             Box::pin(instance.app.handle(Request::new(head)));
         // SAFETY: the future borrows the instance and the request head. The
@@ -858,13 +874,16 @@ unsafe extern "C" fn handle<A: App>(app: *const AppInstance, head: *const Reques
         let future: BoxedFuture = unsafe { std::mem::transmute(future) };
         future
     }));
-    match made {
-        Ok(future) => {
-            let state = FutureState { future, handle: &instance.handle, done: None };
-            Box::into_raw(Box::new(state)) as *mut ResponseFuture
-        }
-        Err(_) => std::ptr::null_mut(), // the panic hook logged it
-    }
+    let Ok(future) = made else {
+        // SAFETY: `out_future` is valid for the call.
+        unsafe { *out_future = std::ptr::null_mut() };
+        return status::PANICKED; // the panic hook logged it
+    };
+    let state = Box::into_raw(Box::new(FutureState { future, handle: &instance.handle, done: None }));
+    // SAFETY: `out_future` is valid for the call; the host owns the future now.
+    unsafe { *out_future = state as *mut ResponseFuture };
+    // SAFETY: `state` was just made; `waker` and `out` are valid for the call.
+    unsafe { poll_state(&mut *state, waker, out) }
 }
 
 unsafe extern "C" fn poll_response(future: *mut ResponseFuture, waker: *const FfiWaker, out: *mut ResponseHead) -> u32 {
@@ -872,10 +891,19 @@ unsafe extern "C" fn poll_response(future: *mut ResponseFuture, waker: *const Ff
     // polls it from one thread at a time.
     let state = unsafe { &mut *(future as *mut FutureState) };
     // SAFETY: the instance (and its handle) outlives the future (module rules).
-    let handle = unsafe { &*state.handle };
+    let _entered = unsafe { &*state.handle }.enter();
+    // SAFETY: `waker` and `out` are valid for the call.
+    unsafe { poll_state(state, waker, out) }
+}
+
+/// Polls a response future (the generation's runtime entered by the
+/// caller) and, once it is ready, fills `out`.
+///
+/// # Safety
+/// `waker` is a lent waker and `out` is writable, both for the call.
+unsafe fn poll_state(state: &mut FutureState, waker: *const FfiWaker, out: *mut ResponseHead) -> u32 {
     let polled = catch_unwind(AssertUnwindSafe(|| {
-        let _entered = handle.enter();
-        // SAFETY: `waker` is borrowed for this call; the host's code stays loaded.
+        // SAFETY: `waker` is lent for this call; the host's code stays loaded.
         unsafe { with_foreign_waker::<(), _>(waker, None, |cx| state.future.as_mut().poll(cx)) }
     }));
     let response = match polled {
@@ -883,7 +911,7 @@ unsafe extern "C" fn poll_response(future: *mut ResponseFuture, waker: *const Ff
         Ok(Poll::Pending) => return status::PENDING,
         Err(_) => return status::PANICKED, // the panic hook logged it
     };
-    let (head, finished) = finish(response, handle);
+    let (head, finished) = finish(response, state.handle);
     let finished = state.done.insert(finished);
     // SAFETY: `out` is valid for the call. The pointers in it point into
     // `state.done`, which lives until `drop_response`.
@@ -900,7 +928,7 @@ unsafe extern "C" fn poll_response(future: *mut ResponseFuture, waker: *const Ff
 
 /// Splits a response into the C head (without header and body pointers) and
 /// the data those pointers will point into.
-fn finish(response: Response, handle: &tokio::runtime::Handle) -> (ResponseHead, Finished) {
+fn finish(response: Response, handle: *const tokio::runtime::Handle) -> (ResponseHead, Finished) {
     let Response { status, headers, body } = response;
     let c_headers = headers
         .iter()

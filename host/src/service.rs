@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -141,8 +141,10 @@ fn app_response(answer: AppResponse, in_flight: InFlight) -> Response<ResponseBo
     response
 }
 
+/// The body length the client declared (hyper turns `Content-Length` into
+/// the body's exact size hint), without looking the header up again.
 fn declared_length(request: &Request<Incoming>) -> Option<u64> {
-    request.headers().get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    http_body::Body::size_hint(request.body()).exact()
 }
 
 fn too_large(limit: u64) -> Response<ResponseBody> {

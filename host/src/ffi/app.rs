@@ -417,6 +417,8 @@ pub struct AppResponse {
 pub struct AppCall {
     request: *mut PendingRequest,
     future: *mut ResponseFuture,
+    /// Whether `handle` was called (it makes the future and polls it once).
+    started: bool,
 }
 
 // SAFETY: the app's future is `Send` (app-abi's `App::handle` bound) and the
@@ -447,11 +449,25 @@ impl AppCall {
         // yet, so this exclusive borrow is the only one.
         let pending = unsafe { &mut *request };
         fill_head(pending, request as *mut HostBody);
-        let app = pending.generation.app();
-        // SAFETY: the head and everything it points to live in `request`
-        // until `drop_response` (see `Drop`), as the ABI requires.
-        let future = unsafe { (app.vtable().handle)(app.instance, &pending.head) };
-        AppCall { request, future }
+        AppCall { request, future: std::ptr::null_mut(), started: false }
+    }
+
+    /// Calls the app's `handle` (first poll) or `poll_response` (later ones).
+    fn poll_app(&mut self, waker: &FfiWaker, head: &mut ResponseHead) -> u32 {
+        let app = self.app();
+        if self.started {
+            // SAFETY: the future is live (a started call that is not finished
+            // has one); `waker` and `head` are valid for the call.
+            return unsafe { (app.vtable().poll_response)(self.future, waker, head) };
+        }
+        let mut future = std::ptr::null_mut();
+        // SAFETY: the request head and everything it points to live in
+        // `self.request` until `drop_response` (see `finish`), as the ABI
+        // requires; the out-pointers are valid for the call.
+        let code = unsafe { (app.vtable().handle)(app.instance, &(*self.request).head, waker, head, &mut future) };
+        self.future = future;
+        self.started = true;
+        code
     }
 
     fn app(&self) -> &LoadedApp {
@@ -561,17 +577,10 @@ impl std::future::Future for AppCall {
             // Polled after completion: a caller bug, answered without UB.
             return Poll::Ready(Err(CallError::InvalidResponse("polled after it completed".to_owned())));
         }
-        if this.future.is_null() {
-            // `handle` panicked before it made a future.
-            this.finish();
-            return Poll::Ready(Err(CallError::Panicked));
-        }
         let waker = FfiWaker::borrowed(cx.waker());
         let mut head = ResponseHead::EMPTY;
-        // SAFETY: the future is live; `waker` and `head` are valid for the
-        // call; the app keeps `head`'s data until `drop_response`.
-        let code = unsafe { (this.app().vtable().poll_response)(this.future, &waker, &mut head) };
-        match code {
+        // The app keeps `head`'s data until `drop_response`, in `finish`.
+        match this.poll_app(&waker, &mut head) {
             status::OK => Poll::Ready(this.take(&head)),
             status::PENDING => Poll::Pending,
             _ => {
