@@ -26,7 +26,6 @@
 //!   generation was dropped, and never calls into the library afterwards.
 
 use std::any::Any;
-use std::borrow::Cow;
 use std::ffi::c_void;
 use std::future::Future;
 use std::mem::ManuallyDrop;
@@ -43,7 +42,7 @@ use futures_core::Stream;
 
 use crate::context::{DrainSignal, InitContext};
 use crate::request::{BodyError, Request};
-use crate::response::{Body, Response};
+use crate::response::{Body, Headers, Response};
 use crate::App;
 
 /// The ABI version this crate implements. The host refuses any other.
@@ -728,9 +727,7 @@ struct FutureState {
 /// A finished response, kept alive until `drop_response` so the host can read
 /// the pointers in its [`ResponseHead`].
 struct Finished {
-    /// Owns the strings `c_headers` points into.
-    _headers: Vec<(Cow<'static, str>, Cow<'static, str>)>,
-    c_headers: Vec<Header>,
+    headers: Headers,
     body: Bytes,
 }
 
@@ -917,8 +914,8 @@ unsafe fn poll_state(state: &mut FutureState, waker: *const FfiWaker, out: *mut 
     // `state.done`, which lives until `drop_response`.
     unsafe {
         *out = ResponseHead {
-            headers: finished.c_headers.as_ptr(),
-            header_count: finished.c_headers.len(),
+            headers: finished.headers.pairs.as_ptr(),
+            header_count: finished.headers.pairs.len(),
             body: Slice::new(&finished.body),
             ..head
         }
@@ -930,10 +927,6 @@ unsafe fn poll_state(state: &mut FutureState, waker: *const FfiWaker, out: *mut 
 /// the data those pointers will point into.
 fn finish(response: Response, handle: *const tokio::runtime::Handle) -> (ResponseHead, Finished) {
     let Response { status, headers, body } = response;
-    let c_headers = headers
-        .iter()
-        .map(|(n, v)| Header { name: Slice::new(n.as_bytes()), value: Slice::new(v.as_bytes()) })
-        .collect();
     let (body_kind, body, stream) = match body {
         Body::Bytes(bytes) => (body_kind::BYTES, bytes, std::ptr::null_mut()),
         Body::Stream(stream) => {
@@ -942,7 +935,7 @@ fn finish(response: Response, handle: *const tokio::runtime::Handle) -> (Respons
         }
     };
     let head = ResponseHead { status, body_kind, stream, ..ResponseHead::EMPTY };
-    (head, Finished { _headers: headers, c_headers, body })
+    (head, Finished { headers, body })
 }
 
 unsafe extern "C" fn drop_response(future: *mut ResponseFuture) {

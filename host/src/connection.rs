@@ -18,11 +18,13 @@
 //!   `header_timeout` (a connection that never sends a request);
 //! - nothing arrived since the last response: closed after
 //!   `keep_alive_timeout`.
-//! The sweep runs every [`SWEEP`], so a deadline is enforced within that.
+//! The sweep runs every [`SWEEP`], and activity is stamped with a clock of
+//! that resolution (rounded up), so a deadline is enforced never early and
+//! at most two sweeps late.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,8 +41,36 @@ use crate::generation::Generation;
 use crate::server::Server;
 use crate::service;
 
-/// How often the server checks connection deadlines.
+/// How often the server checks connection deadlines (and advances the
+/// coarse clock connections stamp their activity with).
 pub const SWEEP: Duration = Duration::from_millis(100);
+
+/// A clock that ticks once per sweep: reading the real clock twice per
+/// request costs more than a timeout measured in seconds needs.
+struct CoarseClock {
+    epoch: Instant,
+    now_ms: AtomicU64,
+}
+
+fn coarse_clock() -> &'static CoarseClock {
+    static CLOCK: std::sync::OnceLock<CoarseClock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(|| CoarseClock { epoch: Instant::now(), now_ms: AtomicU64::new(0) })
+}
+
+/// Advances the coarse clock; the sweeper calls it every [`SWEEP`].
+pub fn tick() -> Instant {
+    let clock = coarse_clock();
+    let now = Instant::now();
+    let ms = u64::try_from(now.duration_since(clock.epoch).as_millis()).unwrap_or(u64::MAX);
+    clock.now_ms.store(ms, Ordering::Relaxed);
+    now
+}
+
+/// A stamp for "now" that is never earlier than now (the coarse clock lags
+/// by up to a sweep), so no deadline fires early.
+fn stamp_ms() -> u64 {
+    coarse_clock().now_ms.load(Ordering::Relaxed) + SWEEP.as_millis() as u64
+}
 
 /// What a connection task is asked to do, in increasing order.
 const SERVE: u8 = 0;
@@ -77,12 +107,11 @@ pub struct Connection {
     pub peer: SocketAddr,
     in_flight: AtomicUsize,
     requests: AtomicU64,
-    /// When the connection last became idle, in ms since `opened`.
+    /// When the connection last became idle (coarse clock, ms).
     idle_since_ms: AtomicU64,
-    /// When bytes of the next request head started to arrive, in ms since
-    /// `opened`, plus one; 0 when none are pending.
+    /// When bytes of the next request head started to arrive (coarse clock,
+    /// ms), plus one; 0 when none are pending.
     head_since_ms: AtomicU64,
-    opened: Instant,
     /// The generation of the latest app request on this connection.
     generation: AtomicU64,
     /// Accepted during a shutdown: answered `503`, not asked to finish.
@@ -118,12 +147,8 @@ impl Connection {
         self.deadline().is_some_and(|deadline| deadline <= now)
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn since_opened(&self, ms: u64) -> Instant {
-        self.opened + Duration::from_millis(ms)
+    fn at(ms: u64) -> Instant {
+        coarse_clock().epoch + Duration::from_millis(ms)
     }
 
     /// When to close the connection unless something happens; `None` while
@@ -135,9 +160,9 @@ impl Connection {
         let config = &self.server.config;
         let head = self.head_since_ms.load(Ordering::Acquire);
         if head > 0 {
-            return Some(self.since_opened(head - 1) + config.header_timeout);
+            return Some(Self::at(head - 1) + config.header_timeout);
         }
-        let idle_since = self.since_opened(self.idle_since_ms.load(Ordering::Acquire));
+        let idle_since = Self::at(self.idle_since_ms.load(Ordering::Acquire));
         let first = self.requests.load(Ordering::Relaxed) == 0;
         Some(idle_since + if first { config.header_timeout } else { config.keep_alive_timeout })
     }
@@ -145,7 +170,7 @@ impl Connection {
     /// Bytes arrived: if no request is in flight, a request head has begun.
     fn bytes_arrived(&self) {
         if self.in_flight.load(Ordering::Relaxed) == 0 && self.head_since_ms.load(Ordering::Relaxed) == 0 {
-            self.head_since_ms.store(self.now_ms() + 1, Ordering::Release);
+            self.head_since_ms.store(stamp_ms() + 1, Ordering::Release);
         }
     }
 }
@@ -212,7 +237,7 @@ impl Activity {
 impl Drop for Activity {
     fn drop(&mut self) {
         let connection = &self.connection;
-        connection.idle_since_ms.store(connection.now_ms(), Ordering::Release);
+        connection.idle_since_ms.store(stamp_ms(), Ordering::Release);
         connection.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -244,9 +269,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<Server>) {
         peer,
         in_flight: AtomicUsize::new(0),
         requests: AtomicU64::new(0),
-        idle_since_ms: AtomicU64::new(0),
+        idle_since_ms: AtomicU64::new(stamp_ms()),
         head_since_ms: AtomicU64::new(0),
-        opened: Instant::now(),
         generation: AtomicU64::new(0),
         accepted_in_shutdown: server.is_shutting_down(),
         control: Control { state: AtomicU8::new(SERVE), waker: AtomicWaker::new() },

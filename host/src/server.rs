@@ -223,7 +223,7 @@ pub async fn sweep(server: Arc<Server>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let now = Instant::now();
+        let now = connection::tick();
         for connection in server.open_connections() {
             if connection.is_expired(now) {
                 connection.close();
