@@ -8,6 +8,9 @@
 //! every loadable segment and the section header table lie inside it.
 
 use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
 
 /// What is wrong with a file that claims to be ELF.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,12 +49,30 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
 
+/// How much of a file [`check_file`] reads: the ELF and program headers of
+/// any real library fit (they sit at the start of the file).
+const HEAD: u64 = 64 << 10;
+
 /// Checks that `bytes` is a complete 64-bit little-endian ELF shared object.
 pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
+    check_head(bytes, bytes.len() as u64)
+}
+
+/// [`check`] for a file, reading only its headers (the rest of a library of
+/// several MiB does not need to pass through memory to be checked).
+pub fn check_file(path: &Path) -> io::Result<Result<(), ElfProblem>> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut head = Vec::new();
+    (&mut file).take(HEAD).read_to_end(&mut head)?;
+    Ok(check_head(&head, len))
+}
+
+/// Checks the file whose first bytes are `bytes` and whose size is `actual`.
+fn check_head(bytes: &[u8], actual: u64) -> Result<(), ElfProblem> {
     if bytes.get(..4) != Some(b"\x7fELF") {
         return Err(ElfProblem::NotElf);
     }
-    let actual = bytes.len() as u64;
     let truncated = |needed: u64| ElfProblem::Truncated { needed, actual };
     if bytes.len() < 64 {
         return Err(truncated(64));
@@ -75,6 +96,9 @@ pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
     let headers_end = end(phoff, phentsize.saturating_mul(phnum));
     if headers_end > actual {
         return Err(truncated(headers_end));
+    }
+    if headers_end > bytes.len() as u64 {
+        return Err(ElfProblem::Unsupported("program headers beyond the first 64 KiB"));
     }
     let mut needed = end(shoff, shentsize.saturating_mul(shnum));
     for index in 0..phnum {
@@ -114,6 +138,17 @@ mod tests {
         for keep in [10, 63, 64, 200, exe.len() / 2, exe.len() - 1] {
             assert!(matches!(check(&exe[..keep]), Err(ElfProblem::Truncated { .. })), "kept {keep} bytes");
         }
+    }
+
+    #[test]
+    fn checks_a_file_by_its_headers() {
+        assert_eq!(check_file(Path::new("/proc/self/exe")).unwrap(), Ok(()));
+        let path = std::env::temp_dir().join(format!("pounce-elf-test-{}", std::process::id()));
+        let exe = own_executable();
+        std::fs::write(&path, &exe[..exe.len() / 2]).unwrap();
+        let checked = check_file(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(checked, Err(ElfProblem::Truncated { .. })), "{checked:?}");
     }
 
     #[test]

@@ -132,6 +132,7 @@ impl Drop for Generation {
         let (number, timeout) = (self.number, self.unload_timeout);
         let exiting = EXITING.load(Ordering::SeqCst);
         let spawned = std::thread::Builder::new().name(format!("pounce-unload-g{number}")).spawn(move || {
+            crate::ffi::priority::lower_this_thread();
             if exiting {
                 app.shut_down_for_exit(timeout);
             } else {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::elf::{self, ElfProblem};
-use crate::ffi::{LoadedApp, OpenError};
+use crate::ffi::{priority, OpenError, OpenedLibrary};
 use crate::generation::Generation;
 
 /// Why a library could not become a generation. Every message names the file
@@ -79,45 +79,68 @@ impl Loader {
         &self.source
     }
 
-    /// Loads the library as generation `number`: check the file, copy it,
-    /// open it, check the ABI, run the app's init. Blocking; it runs the app
-    /// code on a short-lived thread of its own (see [`LoadedApp::open`]).
+    /// Loads the library as generation `number`: copy it, check it, open
+    /// it, check the ABI, run the app's init. Blocking. The copy, check and
+    /// open run on a background-priority thread (a reload under load should
+    /// take CPU from requests as little as possible); the init runs on a
+    /// short-lived thread of normal priority, since the app's own runtime
+    /// threads inherit it.
     pub fn load(&self, number: u64) -> Result<Loaded, LoadError> {
         let started = Instant::now();
-        let bytes = read_library(&self.source)?;
-        let copy = self.staging.write(&self.source, &bytes, number)?;
-        let opened = std::thread::scope(|scope| {
-            let thread = std::thread::Builder::new()
-                .name(format!("pounce-load-g{number}"))
-                .spawn_scoped(scope, || LoadedApp::open(&copy, number, &self.settings, self.max_log_level))
-                .map_err(LoadError::Thread)?;
-            thread.join().map_err(|_| LoadError::Crashed { path: self.source.clone() })
-        });
+        check_source(&self.source)?;
+        let app = std::thread::scope(|scope| {
+            let opened = run_on_thread(scope, &self.source, format!("pounce-open-g{number}"), || {
+                priority::lower_this_thread();
+                self.stage_and_open(number)
+            })??;
+            run_on_thread(scope, &self.source, format!("pounce-init-g{number}"), || {
+                opened.init(&self.settings, self.max_log_level)
+            })?
+            .map_err(|reason| LoadError::Open { path: self.source.clone(), reason })
+        })?;
+        Ok(Loaded { generation: Generation::new(number, app, self.unload_timeout), duration: started.elapsed() })
+    }
+
+    /// Copies the library into the staging directory, checks the copy (so a
+    /// file replaced meanwhile cannot mix two versions) and opens it.
+    fn stage_and_open(&self, number: u64) -> Result<OpenedLibrary, LoadError> {
+        let copy = self.staging.copy_in(&self.source, number)?;
+        let opened = match elf::check_file(&copy) {
+            Err(error) => Err(LoadError::Unreadable { path: self.source.clone(), error }),
+            Ok(Err(problem @ ElfProblem::Truncated { .. })) => {
+                Err(LoadError::Damaged { path: self.source.clone(), problem })
+            }
+            Ok(Err(problem)) => Err(LoadError::NotLibrary { path: self.source.clone(), problem }),
+            Ok(Ok(())) => OpenedLibrary::open(&copy, number)
+                .map_err(|reason| LoadError::Open { path: self.source.clone(), reason }),
+        };
         // Mapped (or failed): the copy's name is no longer needed.
         let _ = fs::remove_file(&copy);
-        let app = opened?.map_err(|reason| LoadError::Open { path: self.source.clone(), reason })?;
-        Ok(Loaded { generation: Generation::new(number, app, self.unload_timeout), duration: started.elapsed() })
+        opened
     }
 }
 
-/// Reads the library and rejects what is not a complete shared object
-/// before the dynamic loader sees it, with a message that says why. Reading
-/// it once and loading the copy also means a file replaced mid-load cannot
-/// mix two versions.
-fn read_library(path: &Path) -> Result<Vec<u8>, LoadError> {
-    let unreadable = |error: io::Error| match error.kind() {
+/// Runs `work` on a named scoped thread and waits for it.
+fn run_on_thread<'scope, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    source: &Path,
+    name: String,
+    work: impl FnOnce() -> T + Send + 'scope,
+) -> Result<T, LoadError> {
+    let thread = std::thread::Builder::new().name(name).spawn_scoped(scope, work).map_err(LoadError::Thread)?;
+    thread.join().map_err(|_| LoadError::Crashed { path: source.to_owned() })
+}
+
+/// Rejects a path that is missing or a directory, with a message that says so.
+fn check_source(path: &Path) -> Result<(), LoadError> {
+    let metadata = fs::metadata(path).map_err(|error| match error.kind() {
         io::ErrorKind::NotFound => LoadError::Missing { path: path.to_owned() },
         _ => LoadError::Unreadable { path: path.to_owned(), error },
-    };
-    if fs::metadata(path).map_err(unreadable)?.is_dir() {
+    })?;
+    if metadata.is_dir() {
         return Err(LoadError::Directory { path: path.to_owned() });
     }
-    let bytes = fs::read(path).map_err(unreadable)?;
-    match elf::check(&bytes) {
-        Ok(()) => Ok(bytes),
-        Err(problem @ ElfProblem::Truncated { .. }) => Err(LoadError::Damaged { path: path.to_owned(), problem }),
-        Err(problem) => Err(LoadError::NotLibrary { path: path.to_owned(), problem }),
-    }
+    Ok(())
 }
 
 /// A private directory (mode 0700) for the per-generation copies, removed
@@ -140,15 +163,15 @@ impl StagingDir {
         Ok(StagingDir { path, copies: AtomicU64::new(0) })
     }
 
-    /// Writes `bytes` (read from `source`) to a name no earlier load used.
-    /// The copy is written under a temporary name and renamed, so the loader
-    /// never sees a partial file.
-    fn write(&self, source: &Path, bytes: &[u8], number: u64) -> Result<PathBuf, LoadError> {
+    /// Copies `source` to a name no earlier load used (in the kernel, with
+    /// `copy_file_range`, through `fs::copy`). The copy is written under a
+    /// temporary name and renamed, so the loader never sees a partial file.
+    fn copy_in(&self, source: &Path, number: u64) -> Result<PathBuf, LoadError> {
         let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "app.so".to_owned());
         let copy = self.copies.fetch_add(1, Ordering::Relaxed);
         let target = self.path.join(format!("g{number}-{copy}-{name}"));
         let partial = self.path.join(format!(".g{number}-{copy}-{name}.partial"));
-        fs::write(&partial, bytes).and_then(|()| fs::rename(&partial, &target)).map_err(|e| {
+        fs::copy(source, &partial).and_then(|_| fs::rename(&partial, &target)).map_err(|e| {
             let _ = fs::remove_file(&partial);
             LoadError::Stage { path: source.to_owned(), staging: self.path.clone(), error: e }
         })?;

@@ -108,78 +108,6 @@ static HOST_VTABLE: HostVTable = HostVTable {
 };
 
 impl LoadedApp {
-    /// Opens `path`, checks its ABI table, and runs the app's init as
-    /// `generation`. Run it on a short-lived thread: app code touching a
-    /// thread-local there cannot pin anything once the thread exits.
-    pub fn open(
-        path: &Path,
-        generation: u64,
-        settings: &[(String, String)],
-        max_log_level: u32,
-    ) -> Result<LoadedApp, OpenError> {
-        let library = Library::open(path).map_err(OpenError::Dlopen)?;
-        let Some(entry) = library.symbol(abi::ENTRY_SYMBOL) else {
-            library.close();
-            return Err(OpenError::MissingEntry);
-        };
-        tls_guard::register(entry, generation);
-        match Self::start(entry, generation, settings, max_log_level) {
-            Ok((vtable, instance, info)) => Ok(LoadedApp { library, vtable, instance, generation, info }),
-            Err(e @ OpenError::InitThreadsLeft(_)) => {
-                // Unmapping would pull the code out from under those threads.
-                std::mem::forget(library);
-                Err(e)
-            }
-            Err(e) => {
-                tls_guard::unregister(generation);
-                library.close();
-                Err(e)
-            }
-        }
-    }
-
-    fn start(
-        entry: *mut c_void,
-        generation: u64,
-        settings: &[(String, String)],
-        max_log_level: u32,
-    ) -> Result<(*const AppVTable, *mut AppInstance, AppInfo), OpenError> {
-        // SAFETY: the symbol is app-abi's entry point, an `EntryFn`; it only
-        // returns the address of a static table.
-        let table = unsafe { std::mem::transmute::<*mut c_void, abi::EntryFn>(entry)() };
-        if table.is_null() {
-            return Err(OpenError::NullTable);
-        }
-        // SAFETY: every ABI version starts the table with two `u32`s, the
-        // version and the size, so these reads are valid before we know which
-        // version it is.
-        let (found, size) =
-            unsafe { (std::ptr::read(table as *const u32), std::ptr::read((table as *const u32).add(1))) };
-        if found != abi::ABI_VERSION {
-            return Err(OpenError::AbiVersion { found, supported: abi::ABI_VERSION });
-        }
-        let expected = std::mem::size_of::<AppVTable>();
-        if (size as usize) < expected {
-            return Err(OpenError::TableSize { found: size, expected });
-        }
-        // SAFETY: version and size match ours, so the table is a full v1
-        // `AppVTable`, static in the library.
-        let vtable = unsafe { &*table };
-        let init_started = std::time::Instant::now();
-        let instance = init(vtable, generation, settings, max_log_level)?;
-        let info = AppInfo {
-            init_duration: init_started.elapsed(),
-            // SAFETY: the table's strings are static in the library.
-            name: unsafe { text(vtable.name) },
-            // SAFETY: as above.
-            version: unsafe { text(vtable.version) },
-            abi_version: found,
-            // SAFETY: as above.
-            abi_crate_version: unsafe { text(vtable.abi_crate_version) },
-        };
-        Ok((table, instance, info))
-    }
-
     pub fn info(&self) -> &AppInfo {
         &self.info
     }
@@ -229,6 +157,103 @@ impl LoadedApp {
             Unloaded::StillMapped
         }
     }
+}
+
+/// A library opened and checked (ABI version and table size), whose app is
+/// not initialized yet. The two steps may run on different threads: opening
+/// is background work, `init` starts the app's own threads, which inherit
+/// the priority of the thread that runs it.
+pub struct OpenedLibrary {
+    library: Library,
+    vtable: *const AppVTable,
+    generation: u64,
+    name: String,
+    version: String,
+    abi_crate_version: String,
+}
+
+// SAFETY: the table pointer stays valid while the library is open, which
+// this value guarantees; nothing of the app has run yet but its getter.
+unsafe impl Send for OpenedLibrary {}
+
+impl OpenedLibrary {
+    /// Opens `path` as `generation` and checks its ABI table.
+    pub fn open(path: &Path, generation: u64) -> Result<OpenedLibrary, OpenError> {
+        let library = Library::open(path).map_err(OpenError::Dlopen)?;
+        let Some(entry) = library.symbol(abi::ENTRY_SYMBOL) else {
+            library.close();
+            return Err(OpenError::MissingEntry);
+        };
+        tls_guard::register(entry, generation);
+        match check_table(entry) {
+            Ok(vtable) => {
+                // SAFETY: `check_table` verified a full v1 table, static in
+                // the library, whose strings are static too.
+                let (name, version, abi_crate_version) = unsafe {
+                    let table = &*vtable;
+                    (text(table.name), text(table.version), text(table.abi_crate_version))
+                };
+                Ok(OpenedLibrary { library, vtable, generation, name, version, abi_crate_version })
+            }
+            Err(e) => {
+                tls_guard::unregister(generation);
+                library.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the app's init. Run it on a short-lived thread: app code
+    /// touching a thread-local there cannot pin anything once it exits.
+    pub fn init(self, settings: &[(String, String)], max_log_level: u32) -> Result<LoadedApp, OpenError> {
+        let OpenedLibrary { library, vtable, generation, name, version, abi_crate_version } = self;
+        let started = std::time::Instant::now();
+        // SAFETY: the table is valid while `library` is open.
+        match init(unsafe { &*vtable }, generation, settings, max_log_level) {
+            Ok(instance) => {
+                let info = AppInfo {
+                    init_duration: started.elapsed(),
+                    name,
+                    version,
+                    abi_version: abi::ABI_VERSION,
+                    abi_crate_version,
+                };
+                Ok(LoadedApp { library, vtable, instance, generation, info })
+            }
+            Err(e @ OpenError::InitThreadsLeft(_)) => {
+                // Unmapping would pull the code out from under those threads.
+                std::mem::forget(library);
+                Err(e)
+            }
+            Err(e) => {
+                tls_guard::unregister(generation);
+                library.close();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Calls the entry symbol and checks the table it returns.
+fn check_table(entry: *mut c_void) -> Result<*const AppVTable, OpenError> {
+    // SAFETY: the symbol is app-abi's entry point, an `EntryFn`; it only
+    // returns the address of a static table.
+    let table = unsafe { std::mem::transmute::<*mut c_void, abi::EntryFn>(entry)() };
+    if table.is_null() {
+        return Err(OpenError::NullTable);
+    }
+    // SAFETY: every ABI version starts the table with two `u32`s, the
+    // version and the size, so these reads are valid before we know which
+    // version it is.
+    let (found, size) = unsafe { (std::ptr::read(table as *const u32), std::ptr::read((table as *const u32).add(1))) };
+    if found != abi::ABI_VERSION {
+        return Err(OpenError::AbiVersion { found, supported: abi::ABI_VERSION });
+    }
+    let expected = std::mem::size_of::<AppVTable>();
+    if (size as usize) < expected {
+        return Err(OpenError::TableSize { found: size, expected });
+    }
+    Ok(table)
 }
 
 /// Copies a static string of the app.

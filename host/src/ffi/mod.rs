@@ -10,6 +10,9 @@
 mod app;
 pub mod clock;
 mod library;
+pub mod priority;
 pub mod tls_guard;
 
-pub use app::{AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, LoadedApp, OpenError, Unloaded};
+pub use app::{
+    AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, LoadedApp, OpenError, OpenedLibrary, Unloaded,
+};
