@@ -943,7 +943,9 @@ unsafe extern "C" fn drop_response(future: *mut ResponseFuture) {
     let state = unsafe { Box::from_raw(future as *mut FutureState) };
     // SAFETY: the instance outlives the future (module rules).
     let handle = unsafe { &*state.handle };
-    let _entered = handle.enter();
+    // A future that completed holds nothing that talks to the runtime any
+    // more (its locals are gone); only a cancelled one needs it entered.
+    let _entered = state.done.is_none().then(|| handle.enter());
     // A panic here was logged by the panic hook; there is nothing else to do.
     let _ = catch_unwind(AssertUnwindSafe(move || drop(state)));
 }

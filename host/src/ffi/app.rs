@@ -587,10 +587,29 @@ unsafe fn parse_head(head: &ResponseHead) -> Result<(StatusCode, HeaderMap), Cal
         let (name, value) = unsafe { (pair.name.as_bytes(), pair.value.as_bytes()) };
         let invalid = || CallError::InvalidResponse(format!("header {:?} is not valid", String::from_utf8_lossy(name)));
         let name = HeaderName::from_bytes(name).map_err(|_| invalid())?;
-        let value = HeaderValue::from_bytes(value).map_err(|_| invalid())?;
+        let value = match common_value(value) {
+            Some(value) => value,
+            None => HeaderValue::from_bytes(value).map_err(|_| invalid())?,
+        };
         headers.append(name, value);
     }
     Ok((status, headers))
+}
+
+/// Header values most responses carry, as static `HeaderValue`s: copying one
+/// out of the app would allocate on every response.
+fn common_value(value: &[u8]) -> Option<HeaderValue> {
+    const COMMON: [&str; 8] = [
+        "text/plain; charset=utf-8",
+        "text/html; charset=utf-8",
+        "application/json",
+        "text/event-stream",
+        "application/octet-stream",
+        "no-store",
+        "no-cache",
+        "close",
+    ];
+    COMMON.iter().find(|common| common.as_bytes() == value).map(|common| HeaderValue::from_static(common))
 }
 
 impl std::future::Future for AppCall {
