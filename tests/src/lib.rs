@@ -372,23 +372,23 @@ pub async fn get_h2(addr: SocketAddr, path: &str) -> Result<(http::Version, Repl
 }
 
 /// Runs `pounce-host` with `args` to completion (bounded), returning its
-/// exit status and stderr.
+/// exit status and output.
 pub fn run_host(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
-    let mut child = Command::new(host_binary())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pounce-host");
+    let mut command = Command::new(host_binary());
+    command.args(args);
+    run_to_end(command, timeout)
+}
+
+/// Runs `command` to completion, killing it after `timeout`; returns its
+/// exit status and its stdout followed by its stderr.
+pub fn run_to_end(mut command: Command, timeout: Duration) -> (ExitStatus, String) {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("start {command:?}: {e}"));
     let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
+    while child.try_wait().expect("wait for the child").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("pounce-host {args:?} did not exit within {timeout:?}");
+            panic!("{command:?} did not exit within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pounce_tests::{get, host_binary, run_host, sample_app, workspace, Server};
+use pounce_tests::{get, host_binary, run_host, run_to_end, sample_app, workspace, Server};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -156,26 +156,14 @@ fn read(relative: &str) -> String {
 /// the given environment on top of ours minus every POUNCE_* variable.
 fn run_bounded(argv: &[String], env: &[(&str, String)], timeout: Duration) -> (ExitStatus, String) {
     let mut command = Command::new(&argv[0]);
-    command.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command.args(&argv[1..]);
     for (key, _) in std::env::vars() {
         if key.starts_with("POUNCE_") {
             command.env_remove(key);
         }
     }
     command.envs(env.iter().map(|(k, v)| (k, v)));
-    let mut child = command.spawn().unwrap_or_else(|e| panic!("run {argv:?}: {e}"));
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{argv:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let output = child.wait_with_output().expect("collect output");
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
-    (output.status, text)
+    run_to_end(command, timeout)
 }
 
 /// Waits for `server` to exit after a signal and returns its log.
