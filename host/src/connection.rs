@@ -239,6 +239,12 @@ impl Drop for Activity {
         let connection = &self.connection;
         connection.idle_since_ms.store(stamp_ms(), Ordering::Release);
         connection.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // During a shutdown, a connection that was accepted late (or raced
+        // the shutdown's sweep over connections) closes after its answer;
+        // for HTTP/2 that is a GOAWAY, which `Connection: close` is not.
+        if connection.server.is_shutting_down() {
+            connection.control.set(FINISH);
+        }
     }
 }
 

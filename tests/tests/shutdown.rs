@@ -179,3 +179,30 @@ async fn a_keep_alive_connection_used_for_health_checks_is_not_cut() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_opened_during_shutdown_does_not_hold_it() {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut server = Server::start(&sample_app(), &["--keep-alive-timeout", "20s", "--header-timeout", "20s"]);
+    let addr = server.addr;
+    let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1000").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_for_log("shutting down", Duration::from_secs(5)));
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::builder().uri(format!("http://{addr}/")).body(Full::new(bytes::Bytes::new())).unwrap();
+    let reply = sender.send_request(request).await.unwrap();
+    assert_eq!(reply.status(), 503, "a late HTTP/2 request is turned away");
+    // The client keeps its side open (`sender` lives on); the server must
+    // still close the connection rather than wait out the 20 s timeouts.
+    assert_eq!(slow.await.unwrap().unwrap().status, 200);
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(5), "not held by the late connection: {:?}", started.elapsed());
+    drop(sender);
+}
