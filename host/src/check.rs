@@ -6,15 +6,11 @@ use std::time::{Duration, Instant};
 use crate::ffi::Unloaded;
 use crate::loader::{LoadError, Loader};
 
-/// What `check` found.
-pub struct Report {
-    pub text: String,
-}
-
 /// How long the app's shutdown may take during a check.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn run(loader: &Loader) -> Result<Report, LoadError> {
+/// Loads, checks and unloads the library; returns the report to print.
+pub fn run(loader: &Loader) -> Result<String, LoadError> {
     let loaded = loader.load(1)?;
     let info = loaded.generation.info().clone();
     let path = loader.source().display().to_string();
@@ -26,7 +22,7 @@ pub fn run(loader: &Loader) -> Result<Report, LoadError> {
         Unloaded::StillMapped => "ok, but the library stayed mapped after dlclose",
         Unloaded::ThreadsLeft => "the app's threads did not stop in time (a reload would keep this library loaded)",
     };
-    let text = format!(
+    Ok(format!(
         "ok: {path}\n  app:         {} {}\n  ABI version: {} (app-abi {})\n  load:        ok in {:.1} ms (init {:.1} ms)\n  shutdown:    {unload} in {shutdown_ms:.1} ms\n",
         info.name,
         info.version,
@@ -34,6 +30,5 @@ pub fn run(loader: &Loader) -> Result<Report, LoadError> {
         info.abi_crate_version,
         loaded.duration.as_secs_f64() * 1000.0,
         info.init_duration.as_secs_f64() * 1000.0,
-    );
-    Ok(Report { text })
+    ))
 }

@@ -18,6 +18,7 @@
 //!   `header_timeout` (a connection that never sends a request);
 //! - nothing arrived since the last response: closed after
 //!   `keep_alive_timeout`.
+//!
 //! The sweep runs every [`SWEEP`], and activity is stamped with a clock of
 //! that resolution (rounded up), so a deadline is enforced never early and
 //! at most two sweeps late.

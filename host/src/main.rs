@@ -75,7 +75,7 @@ fn check(args: CheckArgs) -> ExitCode {
     };
     match check::run(&loader) {
         Ok(report) => {
-            print!("{}", report.text);
+            print!("{report}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(3, anyhow::Error::new(e).context("check failed")),
