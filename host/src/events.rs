@@ -75,6 +75,8 @@ impl Event<'_> {
         match *self {
             Event::Ready { address, app, app_version, load, init } => tracing::info!(
                 event = "server_ready",
+                // Machine-readable: tools find the bound port here (`--port 0`).
+                address = %address,
                 generation = 1,
                 app,
                 app_version,
