@@ -33,10 +33,11 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use pounce_host::cli::{Cli, Command};
+use pounce_host::config::cli::{Cli, Command};
 use pounce_host::config::Config;
-use pounce_host::loader::Loader;
-use pounce_host::server::{self, Server};
+use pounce_host::front::{listener, Server};
+use pounce_host::generations::loader::Loader;
+use pounce_host::generations::unload_guard;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
@@ -144,7 +145,7 @@ fn request_path(c: &mut Criterion) {
     // App thread-locals must not pin libraries (see ARCHITECTURE.md). In a
     // bench binary the guard's symbols are not exported, so libraries stay
     // mapped; this bench loads one.
-    pounce_host::tls::configure(true);
+    unload_guard::set_enabled(true);
     let library = app_library();
     let config = config(&library);
     let loader = Loader::new(library.clone(), Vec::new(), app_abi::ffi::level::OFF, Duration::from_secs(10))
@@ -160,9 +161,9 @@ fn request_path(c: &mut Criterion) {
     let server = Arc::new(Server::new(config.clone(), first.generation));
     let pounce_addr = {
         let _entered = server_runtime.enter();
-        let listener = server::bind(&config).expect("bind");
+        let listener = listener::bind(&config).expect("bind");
         let addr = listener.local_addr().expect("address");
-        server_runtime.spawn(server::accept_loop(server.clone(), listener));
+        server_runtime.spawn(listener::accept_loop(server.clone(), listener));
         addr
     };
     let baseline_addr = server_runtime.block_on(async {
@@ -193,8 +194,8 @@ fn request_path(c: &mut Criterion) {
         });
     }
     group.finish();
-    server.begin_shutdown();
-    server.force_close();
+    server.connections.begin_shutdown();
+    server.connections.force_close();
     server_runtime.shutdown_timeout(Duration::from_secs(1));
 }
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::ffi::Unloaded;
-use crate::loader::{LoadError, Loader};
+use crate::generations::loader::{LoadError, Loader};
 
 /// How long the app's shutdown may take during a check.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use pounce_host::cli::{CheckArgs, Cli, Command, ServeArgs};
+use pounce_host::config::cli::{CheckArgs, Cli, Command, ServeArgs};
 use pounce_host::config::{self, Config, LogFormat};
-use pounce_host::loader::Loader;
-use pounce_host::{check, generation, logging, run, tls};
+use pounce_host::generations::loader::Loader;
+use pounce_host::generations::{self, unload_guard};
+use pounce_host::lifecycle::serve;
+use pounce_host::{check, logging};
 
 /// How long the runtime waits for its tasks after a shutdown, before the
 /// generations are released.
@@ -44,12 +46,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(1, e),
     };
     let unload_timeout = config.shutdown_timeout;
-    let outcome = runtime.block_on(run::serve(config, max_log_level));
+    let outcome = runtime.block_on(serve::serve(config, max_log_level));
     // Dropping the runtime drops every task, and with them the last leases
     // on the generations, whose unload threads run the apps' `shutdown`.
-    generation::begin_exit();
+    generations::begin_exit();
     runtime.shutdown_timeout(RUNTIME_GRACE);
-    generation::wait_for_unloads(Instant::now() + unload_timeout + RUNTIME_GRACE);
+    generations::wait_for_unloads(Instant::now() + unload_timeout + RUNTIME_GRACE);
     match outcome {
         Ok(()) => {
             tracing::info!("shutdown complete");
@@ -68,7 +70,7 @@ fn check(args: CheckArgs) -> ExitCode {
         Err(e) => return fail(2, anyhow::Error::new(e).context("invalid configuration")),
     };
     let max_log_level = logging::init(LogFormat::Text, "warn");
-    tls::configure(true);
+    unload_guard::set_enabled(true);
     let loader = match Loader::new(args.library.clone(), settings, max_log_level, Duration::from_secs(10)) {
         Ok(loader) => loader,
         Err(e) => return fail(1, anyhow::Error::new(e).context("cannot create the staging directory")),

@@ -19,8 +19,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 
 use super::library::Library;
-use super::tls_guard;
-use crate::generation::Generation;
+use super::unload_guard;
 
 /// What an app library says about itself.
 #[derive(Clone, Debug)]
@@ -77,6 +76,13 @@ pub enum Unloaded {
     /// Threads of the app were still running after the timeout, so the
     /// library was left open on purpose: unmapping it would crash them.
     ThreadsLeft,
+}
+
+/// What keeps an app's library loaded while the host may call into it: the
+/// host's generation. `ffi` holds one with every request, stream and waker it
+/// hands out, and knows nothing else of generations.
+pub trait Lease: Send + Sync + 'static {
+    fn app(&self) -> &LoadedApp;
 }
 
 /// An opened library whose app has been initialized: one generation's code.
@@ -150,7 +156,7 @@ impl LoadedApp {
             std::mem::forget(self.library);
             return Unloaded::ThreadsLeft;
         }
-        tls_guard::unregister(self.generation);
+        unload_guard::unregister(self.generation);
         if self.library.close() {
             Unloaded::Unmapped
         } else {
@@ -184,7 +190,7 @@ impl OpenedLibrary {
             library.close();
             return Err(OpenError::MissingEntry);
         };
-        tls_guard::register(entry, generation);
+        unload_guard::register(entry, generation);
         match check_table(entry) {
             Ok(vtable) => {
                 // SAFETY: `check_table` verified a full v1 table, static in
@@ -196,7 +202,7 @@ impl OpenedLibrary {
                 Ok(OpenedLibrary { library, vtable, generation, name, version, abi_crate_version })
             }
             Err(e) => {
-                tls_guard::unregister(generation);
+                unload_guard::unregister(generation);
                 library.close();
                 Err(e)
             }
@@ -226,7 +232,7 @@ impl OpenedLibrary {
                 Err(e)
             }
             Err(e) => {
-                tls_guard::unregister(generation);
+                unload_guard::unregister(generation);
                 library.close();
                 Err(e)
             }
@@ -331,7 +337,7 @@ unsafe extern "C" fn app_log(generation: u64, level: u32, target: Slice, message
 /// A request handed to the app. Boxed, so the pointers in `head` (into
 /// `parts` and `headers`) stay put while the app borrows them.
 struct PendingRequest {
-    generation: Arc<Generation>,
+    lease: Arc<dyn Lease>,
     parts: http::request::Parts,
     headers: Vec<Header>,
     head: RequestHead,
@@ -388,11 +394,11 @@ unsafe extern "C" fn body_poll(body: *mut HostBody, waker: *const FfiWaker, out:
     // SAFETY: `head.body` is the request's `PendingRequest`, alive until the
     // app's future is dropped. Only the `body` field is borrowed mutably; the
     // app holds shared borrows of `head` and `parts` only.
-    let (body, generation) = unsafe { (&mut (*request).body, &(*request).generation) };
+    let (body, lease) = unsafe { (&mut (*request).body, &(*request).lease) };
     let polled = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `waker` is lent for this call. A clone of it (stored by
         // hyper) keeps the generation, and so the waker's code, loaded.
-        unsafe { abi::with_foreign_waker(waker, Some(generation), |cx| body.poll(cx)) }
+        unsafe { abi::with_foreign_waker(waker, Some(lease), |cx| body.poll(cx)) }
     }));
     let (code, slice) = polled.unwrap_or((body_status::ERROR, Slice::from_static("the host failed reading the body")));
     // SAFETY: `out` is valid for the call.
@@ -433,8 +439,6 @@ pub struct AppResponse {
     /// The request body went over the limit while the app read it: the
     /// client must get `413` whatever the app answered.
     pub body_over_limit: bool,
-    /// The generation that served the request.
-    pub generation: Arc<Generation>,
 }
 
 /// A request in flight inside an app: a future of its response head.
@@ -451,10 +455,10 @@ pub struct AppCall {
 unsafe impl Send for AppCall {}
 
 impl AppCall {
-    /// Hands `request` to `generation`'s app. `max_body_size` bounds what the
+    /// Hands `request` to the app `lease` keeps loaded. `max_body_size` bounds what the
     /// app may read of the body.
     pub fn start(
-        generation: Arc<Generation>,
+        lease: Arc<dyn Lease>,
         request: http::Request<Incoming>,
         peer: SocketAddr,
         max_body_size: u64,
@@ -469,7 +473,7 @@ impl AppCall {
             note: String::new(),
         };
         let head = empty_head(PeerAddr::new(peer));
-        let request = Box::into_raw(Box::new(PendingRequest { generation, parts, headers: Vec::new(), head, body }));
+        let request = Box::into_raw(Box::new(PendingRequest { lease, parts, headers: Vec::new(), head, body }));
         // SAFETY: `request` was just allocated and nothing else points to it
         // yet, so this exclusive borrow is the only one.
         let pending = unsafe { &mut *request };
@@ -497,12 +501,12 @@ impl AppCall {
 
     fn app(&self) -> &LoadedApp {
         // SAFETY: `request` is live until `finish` or `Drop`, which null it.
-        unsafe { (*self.request).generation.app() }
+        unsafe { (*self.request).lease.app() }
     }
 
     /// Drops the app's future, then the request it borrowed; returns the
-    /// generation lease and whether the body went over the limit.
-    fn finish(&mut self) -> (Arc<Generation>, bool) {
+    /// whether the body went over the limit. The request's lease goes with it.
+    fn finish(&mut self) -> bool {
         if !self.future.is_null() {
             // SAFETY: the future is live and dropped exactly once (nulled).
             unsafe { (self.app().vtable().drop_response)(self.future) };
@@ -512,14 +516,14 @@ impl AppCall {
         // freed exactly once (the pointer is nulled).
         let request = unsafe { Box::from_raw(self.request) };
         self.request = std::ptr::null_mut();
-        (request.generation, request.body.over_limit)
+        request.body.over_limit
     }
 
     /// Copies the response head out of the app.
     fn take(&mut self, head: &ResponseHead) -> Result<AppResponse, CallError> {
         let stream = (head.body_kind == body_kind::STREAM && !head.stream.is_null()).then(|| AppStream {
             // SAFETY: `request` is live until `finish` below.
-            generation: unsafe { (*self.request).generation.clone() },
+            lease: unsafe { (*self.request).lease.clone() },
             stream: head.stream,
         });
         // SAFETY: `head` was filled by `poll_response` returning OK and the
@@ -530,9 +534,9 @@ impl AppCall {
             // SAFETY: as above, the body bytes live in the future.
             None => AppBody::Full(Bytes::copy_from_slice(unsafe { head.body.as_bytes() })),
         };
-        let (generation, body_over_limit) = self.finish();
+        let body_over_limit = self.finish();
         let (status, headers) = parsed?;
-        Ok(AppResponse { status, headers, body, body_over_limit, generation })
+        Ok(AppResponse { status, headers, body, body_over_limit })
     }
 }
 
@@ -645,7 +649,7 @@ impl Drop for AppCall {
 
 /// A streamed response body inside the app.
 pub struct AppStream {
-    generation: Arc<Generation>,
+    lease: Arc<dyn Lease>,
     stream: *mut BodyStream,
 }
 
@@ -664,7 +668,7 @@ impl AppStream {
     pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, StreamFailed>>> {
         let waker = FfiWaker::borrowed(cx.waker());
         let mut chunk = Slice::EMPTY;
-        let app = self.generation.app();
+        let app = self.lease.app();
         // SAFETY: the stream is live until `Drop`; `waker` and `chunk` are
         // valid for the call.
         let code = unsafe { (app.vtable().poll_chunk)(self.stream, &waker, &mut chunk) };
@@ -681,7 +685,7 @@ impl AppStream {
 impl Drop for AppStream {
     fn drop(&mut self) {
         // SAFETY: the stream is live and dropped exactly once, before the
-        // generation lease (a field dropped after this runs).
-        unsafe { (self.generation.app().vtable().drop_stream)(self.stream) };
+        // lease (a field dropped after this runs).
+        unsafe { (self.lease.app().vtable().drop_stream)(self.stream) };
     }
 }

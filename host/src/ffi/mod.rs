@@ -11,8 +11,9 @@ mod app;
 pub mod clock;
 mod library;
 pub mod priority;
-pub mod tls_guard;
+pub mod process;
+pub mod unload_guard;
 
 pub use app::{
-    AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, LoadedApp, OpenError, OpenedLibrary, Unloaded,
+    AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, Lease, LoadedApp, OpenError, OpenedLibrary, Unloaded,
 };

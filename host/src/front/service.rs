@@ -14,26 +14,27 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::access::RequestRecord;
-use crate::body::ResponseBody;
+use super::access::RequestRecord;
+use super::body::ResponseBody;
+use super::connection::{Activity, Connection};
+use super::host;
+use super::host::{host_answer, too_large};
+use super::server::Server;
 use crate::config::format_duration;
-use crate::connection::{Activity, Connection, InFlight};
 use crate::ffi::{AppBody, AppCall, AppResponse, CallError};
-use crate::server::Server;
-use crate::{health, metrics};
+use crate::generations::InFlight;
 
 pub async fn handle(
     request: Request<Incoming>,
+    server: Arc<Server>,
     connection: Arc<Connection>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let activity = Activity::start(connection.clone());
-    let mut record = RequestRecord::start(&connection.server, request.method(), request.uri().path());
-    let (mut response, generation) = answer(request, &connection).await;
+    let mut record = RequestRecord::start(&server, request.method(), request.uri().path());
+    let (mut response, generation) = answer(request, &server, &connection).await;
     if let Some(record) = &mut record {
         record.answered(response.status().as_u16(), generation);
     }
@@ -42,15 +43,18 @@ pub async fn handle(
 }
 
 /// The response, and the generation that gave it (`None`: the host did).
-async fn answer(request: Request<Incoming>, connection: &Arc<Connection>) -> (Response<ResponseBody>, Option<u64>) {
-    let server = &connection.server;
+async fn answer(
+    request: Request<Incoming>,
+    server: &Server,
+    connection: &Connection,
+) -> (Response<ResponseBody>, Option<u64>) {
     let config = &server.config;
     let path = request.uri().path();
     if config.health_path.as_deref() == Some(path) {
-        return (health::respond(request.method(), server), None);
+        return (host::health(request.method(), server), None);
     }
     if config.metrics_path.as_deref() == Some(path) {
-        return (metrics_answer(request.method(), server), None);
+        return (host::metrics(request.method(), server), None);
     }
     if server.is_shutting_down() {
         let text = "the server is shutting down; retry shortly\n";
@@ -66,15 +70,6 @@ async fn answer(request: Request<Incoming>, connection: &Arc<Connection>) -> (Re
     let call = AppCall::start(generation, request, connection.peer, config.max_body_size);
     let outcome = run(call, &in_flight, config.request_timeout).await;
     (respond(outcome, in_flight, config.max_body_size), Some(number))
-}
-
-fn metrics_answer(method: &Method, server: &Server) -> Response<ResponseBody> {
-    let Some(metrics) = server.metrics().filter(|_| method == Method::GET || method == Method::HEAD) else {
-        return host_answer(StatusCode::METHOD_NOT_ALLOWED, "use GET or HEAD\n", false);
-    };
-    let mut response = Response::new(ResponseBody::full(metrics.render(&server.snapshot()).into(), None));
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
-    response
 }
 
 /// How an app call ended.
@@ -130,10 +125,10 @@ fn respond(outcome: Outcome, in_flight: InFlight, max_body_size: u64) -> Respons
 }
 
 fn app_response(answer: AppResponse, in_flight: InFlight) -> Response<ResponseBody> {
-    let AppResponse { status, headers, body, generation, .. } = answer;
+    let AppResponse { status, headers, body, .. } = answer;
     let body = match body {
         AppBody::Full(bytes) => ResponseBody::full(bytes, Some(in_flight)),
-        AppBody::Stream(stream) => ResponseBody::stream(stream, generation, in_flight),
+        AppBody::Stream(stream) => ResponseBody::stream(stream, in_flight),
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -145,29 +140,4 @@ fn app_response(answer: AppResponse, in_flight: InFlight) -> Response<ResponseBo
 /// the body's exact size hint), without looking the header up again.
 fn declared_length(request: &Request<Incoming>) -> Option<u64> {
     http_body::Body::size_hint(request.body()).exact()
-}
-
-fn too_large(limit: u64) -> Response<ResponseBody> {
-    host_answer(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("request body is larger than the limit of {limit} bytes\n"),
-        true,
-    )
-}
-
-/// A plain-text answer from the host itself. `close` adds `Connection:
-/// close` (and `Retry-After` for 503s), for answers after which the
-/// connection should not be reused.
-fn host_answer(status: StatusCode, text: impl Into<Bytes>, close: bool) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::full(text.into(), None));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    if close {
-        headers.insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    response
 }

@@ -8,16 +8,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
-use crate::access::RequestRecord;
-use crate::connection::{Activity, InFlight};
+use super::access::RequestRecord;
+use super::connection::Activity;
 use crate::ffi::AppStream;
-use crate::generation::Generation;
+use crate::generations::InFlight;
 
 /// Why a streamed body was cut short.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +46,10 @@ impl ResponseBody {
         ResponseBody { kind: Kind::Full(bytes), _in_flight: in_flight, _activity: None, record: None }
     }
 
-    /// A body streamed from the app, cut short if `generation` is retired
+    /// A body streamed from the app, cut short if its generation is retired
     /// before it ends.
-    pub fn stream(stream: AppStream, generation: Arc<Generation>, in_flight: InFlight) -> ResponseBody {
+    pub fn stream(stream: AppStream, in_flight: InFlight) -> ResponseBody {
+        let generation = in_flight.generation.clone();
         let retired = Box::pin(async move { generation.cancelled().await });
         ResponseBody {
             kind: Kind::Stream { stream, retired },

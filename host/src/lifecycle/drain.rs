@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::format_duration;
-use crate::events::Event;
-use crate::generation::Generation;
-use crate::server::Server;
+use crate::front::Server;
+use crate::generations::Generation;
+use crate::operations::Event;
 
 /// How long cancelled requests get to unwind before the retirement is
 /// logged; their leases still keep the library loaded until they do.
@@ -40,8 +40,8 @@ pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
     let number = old.number();
     let started = Instant::now();
     old.drain();
-    server.add_draining(old.clone());
-    server.emit(Event::GenerationDraining { generation: number, in_flight: old.in_flight() });
+    server.current.add_draining(old.clone());
+    server.reporter.emit(Event::GenerationDraining { generation: number, in_flight: old.in_flight() });
     let timeout = server.config.reload_timeout;
     let timed_out = tokio::time::timeout(timeout, settled(&old)).await.is_err();
     if timed_out {
@@ -55,11 +55,11 @@ pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
         if tokio::time::timeout(CANCEL_GRACE, old.idle()).await.is_err() {
             // Responses hyper cannot finish writing (a client that stopped
             // reading) never see the cancel: close their connections.
-            let closed = server.close_connections_of(number);
+            let closed = server.connections.close_those_holding(number);
             tracing::warn!(generation = number, closed, "closing connections still held by generation {number}");
             let _ = tokio::time::timeout(CANCEL_GRACE, old.idle()).await;
         }
     }
-    server.remove_draining(number);
-    server.emit(Event::GenerationRetired { generation: number, drain: started.elapsed(), timed_out });
+    server.current.remove_draining(number);
+    server.reporter.emit(Event::GenerationRetired { generation: number, drain: started.elapsed(), timed_out });
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::Notify;
 
-use crate::elf;
+use crate::generations::elf;
 
 /// How long a burst of events must be quiet before it becomes a reload.
 const QUIET: Duration = Duration::from_millis(200);

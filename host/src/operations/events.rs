@@ -5,10 +5,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::format_duration;
-use crate::server::{ReloadReport, Server};
 
 pub enum Event<'a> {
     /// Listening, generation 1 serving.
@@ -32,6 +31,8 @@ pub enum Event<'a> {
         init: Duration,
         publish: Duration,
         total: Duration,
+        /// Requests in flight across all generations, at publication.
+        in_flight: usize,
     },
     ReloadFailed {
         generation: u64,
@@ -66,12 +67,12 @@ pub enum Event<'a> {
     },
 }
 
-fn ms(duration: Duration) -> f64 {
+pub(super) fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
 impl Event<'_> {
-    fn log(&self) {
+    pub(super) fn log(&self) {
         match *self {
             Event::Ready { address, app, app_version, load, init } => tracing::info!(
                 event = "server_ready",
@@ -91,7 +92,7 @@ impl Event<'_> {
                 "reload started: loading {}",
                 source.display()
             ),
-            Event::GenerationLoaded { generation, previous, load, init, publish, total } => tracing::info!(
+            Event::GenerationLoaded { generation, previous, load, init, publish, total, .. } => tracing::info!(
                 event = "generation_loaded",
                 generation,
                 previous,
@@ -141,51 +142,4 @@ impl Event<'_> {
             ),
         }
     }
-}
-
-impl Server {
-    /// Logs `event`, tells systemd, counts it, and keeps the last reload's
-    /// outcome for the health endpoint.
-    pub fn emit(&self, event: Event<'_>) {
-        event.log();
-        match event {
-            Event::GenerationLoaded { generation, total, .. } => {
-                self.record_reload(report("ok", generation, None, total));
-                self.count(|m| m.reload(true, total));
-            }
-            Event::ReloadFailed { serving, reason, total, .. } => {
-                self.record_reload(report("failed", serving, Some(reason.to_owned()), total));
-                self.count(|m| m.reload(false, total));
-            }
-            Event::GenerationRetired { drain, timed_out, .. } => self.count(|m| m.drained(drain, timed_out)),
-            _ => {}
-        }
-        self.tell_systemd(&event);
-    }
-
-    fn tell_systemd(&self, event: &Event<'_>) {
-        let Some(systemd) = &self.systemd else { return };
-        match *event {
-            Event::Ready { address, .. } => systemd.ready(&format!("serving generation 1 on {address}")),
-            Event::ReloadStarted { generation, .. } => {
-                systemd.reloading(&format!("reloading into generation {generation}"))
-            }
-            Event::GenerationLoaded { generation, total, .. } => systemd.ready(&format!(
-                "serving generation {generation}; last reload ok in {:.1} ms; {} requests in flight",
-                ms(total),
-                self.snapshot().in_flight
-            )),
-            Event::ReloadFailed { serving, reason, .. } => {
-                systemd.ready(&format!("reload failed, still serving generation {serving}: {reason}"))
-            }
-            Event::ShutdownStarted { signal, connections, .. } => {
-                systemd.stopping(&format!("shutting down ({signal}); {connections} connections open"))
-            }
-            _ => {}
-        }
-    }
-}
-
-fn report(outcome: &'static str, generation: u64, error: Option<String>, duration: Duration) -> ReloadReport {
-    ReloadReport { outcome, generation, error, duration_ms: ms(duration), seconds_ago: 0.0, at: Some(Instant::now()) }
 }

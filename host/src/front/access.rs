@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use http::Method;
 
-use crate::server::Server;
+use super::server::Server;
 
 pub struct RequestRecord {
     server: Arc<Server>,
@@ -24,7 +24,7 @@ pub struct RequestRecord {
 impl RequestRecord {
     /// Starts a record if the server observes requests.
     pub fn start(server: &Arc<Server>, method: &Method, path: &str) -> Option<RequestRecord> {
-        let observes = server.config.access_log || server.metrics().is_some();
+        let observes = server.config.access_log || server.reporter.metrics().is_some();
         observes.then(|| RequestRecord {
             server: server.clone(),
             method: method.clone(),
@@ -64,6 +64,6 @@ impl RequestRecord {
             );
         }
         // Host answers are counted as generation 0.
-        self.server.count(|m| m.request(self.status, self.generation.unwrap_or(0), duration));
+        self.server.reporter.count(|m| m.request(self.status, self.generation.unwrap_or(0), duration));
     }
 }

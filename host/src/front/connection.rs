@@ -4,7 +4,7 @@
 //! A connection task waits on two things only: its hyper connection, and
 //! its [`Control`] (one atomic and a waker). Nothing else is polled when a
 //! request arrives, so the timeouts and the shutdown cost the request path
-//! nothing. The server's sweeper (`server::sweep`) looks at every open
+//! nothing. The registry's sweeper (`connections::sweep`) looks at every open
 //! connection a few times a second and closes those past a deadline; a
 //! shutdown asks every connection to finish gracefully, and a retired
 //! generation closes the connections it still holds, through the same
@@ -27,20 +27,19 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-
-use crate::generation::Generation;
-use crate::server::Server;
-use crate::service;
 
 /// How often the server checks connection deadlines (and advances the
 /// coarse clock connections stamp their activity with).
@@ -102,9 +101,31 @@ impl Control {
     }
 }
 
+/// What every connection follows: its deadlines, and whether the server is
+/// shutting down.
+pub struct Rules {
+    pub header_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+    shutting_down: AtomicBool,
+}
+
+impl Rules {
+    pub fn new(header_timeout: Duration, keep_alive_timeout: Duration) -> Rules {
+        Rules { header_timeout, keep_alive_timeout, shutting_down: AtomicBool::new(false) }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+}
+
 /// What the requests of one connection share.
 pub struct Connection {
-    pub server: Arc<Server>,
+    rules: Arc<Rules>,
     pub peer: SocketAddr,
     in_flight: AtomicUsize,
     requests: AtomicU64,
@@ -158,14 +179,14 @@ impl Connection {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let config = &self.server.config;
+        let rules = &self.rules;
         let head = self.head_since_ms.load(Ordering::Acquire);
         if head > 0 {
-            return Some(Self::at(head - 1) + config.header_timeout);
+            return Some(Self::at(head - 1) + rules.header_timeout);
         }
         let idle_since = Self::at(self.idle_since_ms.load(Ordering::Acquire));
         let first = self.requests.load(Ordering::Relaxed) == 0;
-        Some(idle_since + if first { config.header_timeout } else { config.keep_alive_timeout })
+        Some(idle_since + if first { rules.header_timeout } else { rules.keep_alive_timeout })
     }
 
     /// Bytes arrived: if no request is in flight, a request head has begun.
@@ -243,52 +264,48 @@ impl Drop for Activity {
         // During a shutdown, a connection that was accepted late (or raced
         // the shutdown's sweep over connections) closes after its answer;
         // for HTTP/2 that is a GOAWAY, which `Connection: close` is not.
-        if connection.server.is_shutting_down() {
+        if connection.rules.is_shutting_down() {
             connection.control.set(FINISH);
         }
     }
 }
 
-/// A request the app serves: counted in its generation until its response
-/// body ends (the guard lives in the body), which is what a drain waits for.
-pub struct InFlight {
-    pub generation: Arc<Generation>,
-}
-
-impl InFlight {
-    pub fn start(generation: Arc<Generation>) -> InFlight {
-        generation.request_started();
-        InFlight { generation }
+impl Connection {
+    /// A connection from `peer`, just accepted.
+    pub fn new(peer: SocketAddr, rules: Arc<Rules>) -> Connection {
+        Connection {
+            accepted_in_shutdown: rules.is_shutting_down(),
+            rules,
+            peer,
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            idle_since_ms: AtomicU64::new(stamp_ms()),
+            head_since_ms: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            control: Control { state: AtomicU8::new(SERVE), waker: AtomicWaker::new() },
+        }
     }
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.generation.request_ended();
-    }
-}
-
-/// Serves one accepted connection until it ends, or the server closes it.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, server: Arc<Server>) {
+/// Serves `connection` over `stream` with `service` until it ends or is
+/// closed through its control.
+pub async fn serve<S, B>(
+    stream: TcpStream,
+    connection: Arc<Connection>,
+    http: &auto::Builder<TokioExecutor>,
+    service: S,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let _ = stream.set_nodelay(true);
-    let connection = Arc::new(Connection {
-        server: server.clone(),
-        peer,
-        in_flight: AtomicUsize::new(0),
-        requests: AtomicU64::new(0),
-        idle_since_ms: AtomicU64::new(stamp_ms()),
-        head_since_ms: AtomicU64::new(0),
-        generation: AtomicU64::new(0),
-        accepted_in_shutdown: server.is_shutting_down(),
-        control: Control { state: AtomicU8::new(SERVE), waker: AtomicWaker::new() },
-    });
-    server.track(&connection);
-    let service = {
-        let connection = connection.clone();
-        service_fn(move |request| service::handle(request, connection.clone()))
-    };
+    let peer = connection.peer;
     let io = TokioIo::new(Watched { stream, connection: connection.clone() });
-    let conn = server.http.serve_connection(io, service);
+    let conn = http.serve_connection(io, service);
     tokio::pin!(conn);
     let mut seen = SERVE;
     loop {

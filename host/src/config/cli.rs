@@ -10,9 +10,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_app_arg, parse_duration, parse_size, LogFormat};
+use super::values::{parse_app_arg, parse_duration, parse_size, LogFormat, Switch};
 
 /// Serve web apps compiled as cdylib plugins over HTTP, and swap in new app
 /// code while serving.
@@ -178,20 +178,6 @@ pub struct CheckArgs {
     /// in the config file's `[app]` table.
     #[arg(long = "app-arg", value_name = "KEY=VALUE", value_parser = parse_app_arg)]
     pub app_args: Vec<(String, String)>,
-}
-
-/// An on/off setting, spelled the way operators write it in flags and
-/// environment files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Switch {
-    On,
-    Off,
-}
-
-impl From<Switch> for bool {
-    fn from(switch: Switch) -> bool {
-        switch == Switch::On
-    }
 }
 
 #[cfg(test)]

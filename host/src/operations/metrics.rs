@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::server::Snapshot;
+use super::health::Snapshot;
 
 /// `1xx` ... `5xx`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]

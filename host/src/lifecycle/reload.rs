@@ -1,5 +1,5 @@
 //! Rolling reloads: load the library again as generation N+1, publish it,
-//! and hand the old generation to [`drain`](crate::drain).
+//! and hand the old generation to [`drain`](super::drain).
 //!
 //! Reloads are serialized by one task. A reload request is a permit on a
 //! [`Notify`]: requests that arrive while a reload runs collapse into one
@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::drain;
-use crate::events::Event;
-use crate::loader::{LoadError, Loader};
-use crate::server::Server;
+use super::drain;
+use crate::front::Server;
+use crate::generations::loader::{LoadError, Loader};
+use crate::operations::Event;
 
 /// Starts the reload task: each `notify_one` on `requests` asks for a reload.
 pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>) {
@@ -36,7 +36,7 @@ pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>) {
 async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool {
     let started = Instant::now();
     let serving = server.current.number();
-    server.emit(Event::ReloadStarted { generation: number, serving, source: loader.source() });
+    server.reporter.emit(Event::ReloadStarted { generation: number, serving, source: loader.source() });
     let loading = loader.clone();
     let limit = server.config.reload_timeout;
     let loaded = match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || loading.load(number))).await {
@@ -50,24 +50,30 @@ async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool
         Ok(loaded) => loaded,
         Err(e) => {
             let reason = e.to_string();
-            server.emit(Event::ReloadFailed { generation: number, serving, reason: &reason, total: started.elapsed() });
+            server.reporter.emit(Event::ReloadFailed {
+                generation: number,
+                serving,
+                reason: &reason,
+                total: started.elapsed(),
+            });
             return false;
         }
     };
     if server.is_shutting_down() {
-        server.emit(Event::ReloadAbandoned { generation: number });
+        server.reporter.emit(Event::ReloadAbandoned { generation: number });
         return false;
     }
     let init = loaded.generation.info().init_duration;
     let publish_started = Instant::now();
     let old = server.current.publish(Arc::new(loaded.generation));
-    server.emit(Event::GenerationLoaded {
+    server.reporter.emit(Event::GenerationLoaded {
         generation: number,
         previous: old.number(),
         load: loaded.duration,
         init,
         publish: publish_started.elapsed(),
         total: started.elapsed(),
+        in_flight: server.current.in_flight(),
     });
     tokio::spawn(drain::retire(server.clone(), old));
     true

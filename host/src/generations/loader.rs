@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::elf::{self, ElfProblem};
+use super::elf::{self, ElfProblem};
+use super::generation::Generation;
 use crate::ffi::{priority, OpenError, OpenedLibrary};
-use crate::generation::Generation;
 
 /// Why a library could not become a generation. Every message names the file
 /// the operator gave and says what to do.

@@ -1,0 +1,93 @@
+//! One source's settings (the flags with their environment variables, or
+//! the config file), each checked on its own so that an error names where
+//! the bad value came from.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::checks::{
+    check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range, BACKLOG, WORKERS,
+};
+use super::cli::ServeArgs;
+use super::error::{ConfigError, Origin};
+use super::values::LogFormat;
+
+/// The settings one source gave; `None` means that source left it unset.
+#[derive(Debug, Default)]
+pub struct Layer {
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub workers: Option<usize>,
+    pub backlog: Option<u32>,
+    pub reload_timeout: Option<Duration>,
+    pub shutdown_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+    pub keep_alive_timeout: Option<Duration>,
+    pub header_timeout: Option<Duration>,
+    pub max_body_size: Option<u64>,
+    pub max_header_size: Option<usize>,
+    /// `Some(None)` means explicitly turned off.
+    pub health_path: Option<Option<String>>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub unload_guard: Option<bool>,
+    pub app_args: Vec<(String, String)>,
+    pub reload: Option<bool>,
+    pub reload_dirs: Option<Vec<PathBuf>>,
+    pub reload_include: Option<Vec<String>>,
+    pub metrics_path: Option<Option<String>>,
+    pub access_log: Option<bool>,
+}
+
+impl Layer {
+    /// Checks the values clap parsed from flags and environment variables.
+    pub fn from_flags(args: ServeArgs) -> Result<Layer, ConfigError> {
+        Ok(Layer {
+            host: args.host,
+            port: args.port,
+            workers: flag("workers", args.workers, |n| in_range(n, &WORKERS))?,
+            backlog: flag("backlog", args.backlog, |n| in_range(n, &BACKLOG))?,
+            reload_timeout: flag("reload_timeout", args.reload_timeout, check_timeout)?,
+            shutdown_timeout: flag("shutdown_timeout", args.shutdown_timeout, check_timeout)?,
+            request_timeout: flag("request_timeout", args.request_timeout, check_timeout)?,
+            keep_alive_timeout: flag("keep_alive_timeout", args.keep_alive_timeout, check_timeout)?,
+            header_timeout: flag("header_timeout", args.header_timeout, check_timeout)?,
+            max_body_size: args.max_body_size,
+            max_header_size: flag("max_header_size", args.max_header_size, check_header_size)?,
+            health_path: flag("health_path", args.health_path, check_health_path)?,
+            log_format: args.log_format,
+            log_level: flag("log_level", args.log_level, check_log_level)?,
+            unload_guard: args.unload_guard.map(bool::from),
+            app_args: args.app_args,
+            reload: args.reload.map(bool::from),
+            reload_dirs: (!args.reload_dir.is_empty()).then_some(args.reload_dir),
+            reload_include: flag("reload_include", non_empty(args.reload_include), check_extensions)?,
+            metrics_path: flag("metrics_path", args.metrics_path, check_health_path)?,
+            access_log: args.access_log.map(bool::from),
+        })
+    }
+}
+
+fn non_empty<T>(values: Vec<T>) -> Option<Vec<T>> {
+    (!values.is_empty()).then_some(values)
+}
+
+/// Checks a value given by flag or environment variable, if there is one.
+fn flag<T: fmt::Debug, U>(
+    key: &'static str,
+    value: Option<T>,
+    check: impl FnOnce(T) -> Result<U, String>,
+) -> Result<Option<U>, ConfigError> {
+    value
+        .map(|value| {
+            let shown = format!("{value:?}");
+            check(value).map_err(|problem| ConfigError::InvalidValue {
+                origin: Origin::Flag { key },
+                value: shown,
+                problem,
+            })
+        })
+        .transpose()
+}

@@ -1,0 +1,92 @@
+//! Process plumbing for process mode: starting a worker with descriptors at
+//! fixed numbers, taking them over in the worker, anonymous in-memory files
+//! for a generation's library bytes, and sending signals.
+//!
+//! Workers are started by executing the host's own binary again, never by
+//! `fork()` alone: the supervisor is multi-threaded, and between `fork` and
+//! `exec` only async-signal-safe calls are allowed. The `pre_exec` hook
+//! below keeps to `dup2` and `prctl`.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+/// Starts `command` with each `(source, target)` descriptor duplicated to
+/// `target` in the child (`dup2` clears close-on-exec on the copy, so only
+/// these reach the new program). The child gets SIGKILL when the thread
+/// that started it exits (`PR_SET_PDEATHSIG`): call this from a thread that
+/// lives as long as the supervisor.
+pub fn spawn_with_fds(command: &mut Command, fds: &[(RawFd, RawFd)]) -> io::Result<Child> {
+    let fds = fds.to_vec();
+    // SAFETY: the hook runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it calls only dup2, fcntl and
+    // prctl, allocates nothing (the Vec was built before the fork) and
+    // touches no lock.
+    unsafe {
+        command.pre_exec(move || {
+            for &(source, target) in &fds {
+                if source == target {
+                    // dup2 onto itself keeps close-on-exec: clear it instead.
+                    if libc::fcntl(target, libc::F_SETFD, 0) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(source, target) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn()
+}
+
+/// Takes over descriptor `fd`, inherited from the parent, if it is open;
+/// marks it close-on-exec so it goes no further.
+pub fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only reads the descriptor's flags; -1 means closed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags == -1 {
+        return None;
+    }
+    // SAFETY: as above, on an open descriptor; a failure changes nothing.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+    // SAFETY: the parent passed `fd` to this process for this purpose, it is
+    // open (checked above) and nothing else in the process owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An anonymous in-memory file (`memfd_create`), close-on-exec: it lives
+/// only as long as a descriptor to it does and needs no writable or
+/// executable filesystem.
+pub fn memfd(name: &str) -> io::Result<File> {
+    let name = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    // SAFETY: `name` is a valid C string for the call.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Sends `signal` to process `pid`. A process that is already gone is not
+/// an error.
+pub fn kill(pid: u32, signal: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    // SAFETY: kill(2) takes plain integers; a stale pid fails with ESRCH.
+    unsafe { libc::kill(pid, signal) };
+}
+
+/// The parent's pid: a worker compares it with the supervisor's, to close
+/// the race where the supervisor died before `PR_SET_PDEATHSIG` was set.
+pub fn parent_pid() -> u32 {
+    // SAFETY: getppid cannot fail.
+    let pid = unsafe { libc::getppid() };
+    u32::try_from(pid).unwrap_or(0)
+}

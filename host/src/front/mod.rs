@@ -1,0 +1,18 @@
+//! The HTTP front: the listening socket and accept loop ([`listener`]),
+//! one connection and its deadlines ([`connection`]), the registry of open
+//! connections ([`connections`]), the request path ([`service`]) with the
+//! host's own answers ([`host`]), the response body ([`body`]) and the
+//! per-request record ([`access`]). [`Server`] is what they share.
+//!
+//! Imports `generations`, `operations`, `config` and `ffi`; nothing above.
+
+pub mod access;
+pub mod body;
+pub mod connection;
+pub mod connections;
+pub mod host;
+pub mod listener;
+pub mod server;
+pub mod service;
+
+pub use server::Server;

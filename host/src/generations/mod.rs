@@ -1,0 +1,22 @@
+//! Generations: loading an app library (file checks, ELF check, staging
+//! copy, `dlopen`, ABI check, init), the [`Generation`] it becomes, the
+//! [`Current`] one new requests go to, and unloading a generation once its
+//! last lease is gone.
+//!
+//! Imports only `config` (units) and `ffi`.
+
+mod current;
+pub mod elf;
+mod generation;
+pub mod loader;
+mod unload;
+
+pub use current::Current;
+pub use generation::{Generation, InFlight};
+pub use unload::{begin_exit, wait_for_unloads};
+
+/// The unload guard (see ARCHITECTURE.md): thread-local destructors and
+/// pthread keys of app code never run after their library is unmapped.
+pub mod unload_guard {
+    pub use crate::ffi::unload_guard::{is_enabled, set_enabled, skipped_destructors};
+}

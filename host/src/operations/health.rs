@@ -1,0 +1,57 @@
+//! What the health endpoint reports, and its JSON form. The endpoint itself
+//! (methods, status code) is part of the request path (`http::host`).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+/// The outcome of the last reload, as the health endpoint reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReloadReport {
+    pub outcome: &'static str,
+    pub generation: u64,
+    pub error: Option<String>,
+    pub duration_ms: f64,
+    pub seconds_ago: f64,
+    #[serde(skip)]
+    pub at: Option<Instant>,
+}
+
+/// The server's state at one moment, for the health endpoint and the
+/// metrics' gauges.
+pub struct Snapshot {
+    pub shutting_down: bool,
+    pub generation: u64,
+    pub uptime: Duration,
+    pub in_flight: usize,
+    pub connections: usize,
+    pub draining: usize,
+    pub last_reload: Option<ReloadReport>,
+}
+
+impl Snapshot {
+    /// `"ok"` while serving; `"draining"` once shutdown has begun, so load
+    /// balancers stop routing here.
+    pub fn status(&self) -> &'static str {
+        if self.shutting_down {
+            "draining"
+        } else {
+            "ok"
+        }
+    }
+
+    /// The health endpoint's body: one JSON object and a newline.
+    pub fn to_json(&self) -> String {
+        let body = json!({
+            "status": self.status(),
+            "generation": self.generation,
+            "uptime_seconds": self.uptime.as_secs_f64(),
+            "in_flight": self.in_flight,
+            "connections": self.connections,
+            "draining_generations": self.draining,
+            "last_reload": self.last_reload,
+        });
+        format!("{body}\n")
+    }
+}

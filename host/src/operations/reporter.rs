@@ -1,0 +1,106 @@
+//! The [`Reporter`]: where every lifecycle [`Event`] goes. It logs the
+//! event, tells systemd, counts it in the metrics and keeps the last
+//! reload's outcome for the health endpoint.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::events::{ms, Event};
+use super::health::ReloadReport;
+use super::metrics::Metrics;
+use super::sd_notify::SdNotify;
+
+pub struct Reporter {
+    started: Instant,
+    last_reload: Mutex<Option<ReloadReport>>,
+    systemd: Option<SdNotify>,
+    metrics: Option<Metrics>,
+}
+
+impl Reporter {
+    /// `metrics`: whether `--metrics-path` is on. systemd is told when
+    /// `NOTIFY_SOCKET` is set.
+    pub fn new(metrics: bool) -> Reporter {
+        Reporter {
+            started: Instant::now(),
+            last_reload: Mutex::new(None),
+            systemd: SdNotify::from_env(),
+            metrics: metrics.then(Metrics::new),
+        }
+    }
+
+    /// The metrics, when `--metrics-path` is on.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
+
+    pub fn count(&self, update: impl FnOnce(&Metrics)) {
+        if let Some(metrics) = &self.metrics {
+            update(metrics);
+        }
+    }
+
+    pub fn systemd(&self) -> Option<&SdNotify> {
+        self.systemd.as_ref()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The last reload's outcome, aged to now.
+    pub fn last_reload(&self) -> Option<ReloadReport> {
+        lock(&self.last_reload).clone().map(|mut report| {
+            report.seconds_ago = report.at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+            report
+        })
+    }
+
+    /// Logs `event`, tells systemd, counts it, and keeps the last reload's
+    /// outcome for the health endpoint.
+    pub fn emit(&self, event: Event<'_>) {
+        event.log();
+        match event {
+            Event::GenerationLoaded { generation, total, .. } => {
+                *lock(&self.last_reload) = Some(report("ok", generation, None, total));
+                self.count(|m| m.reload(true, total));
+            }
+            Event::ReloadFailed { serving, reason, total, .. } => {
+                *lock(&self.last_reload) = Some(report("failed", serving, Some(reason.to_owned()), total));
+                self.count(|m| m.reload(false, total));
+            }
+            Event::GenerationRetired { drain, timed_out, .. } => self.count(|m| m.drained(drain, timed_out)),
+            _ => {}
+        }
+        self.tell_systemd(&event);
+    }
+
+    fn tell_systemd(&self, event: &Event<'_>) {
+        let Some(systemd) = &self.systemd else { return };
+        match *event {
+            Event::Ready { address, .. } => systemd.ready(&format!("serving generation 1 on {address}")),
+            Event::ReloadStarted { generation, .. } => {
+                systemd.reloading(&format!("reloading into generation {generation}"))
+            }
+            Event::GenerationLoaded { generation, total, in_flight, .. } => systemd.ready(&format!(
+                "serving generation {generation}; last reload ok in {:.1} ms; {in_flight} requests in flight",
+                ms(total)
+            )),
+            Event::ReloadFailed { serving, reason, .. } => {
+                systemd.ready(&format!("reload failed, still serving generation {serving}: {reason}"))
+            }
+            Event::ShutdownStarted { signal, connections, .. } => {
+                systemd.stopping(&format!("shutting down ({signal}); {connections} connections open"))
+            }
+            _ => {}
+        }
+    }
+}
+
+fn report(outcome: &'static str, generation: u64, error: Option<String>, duration: Duration) -> ReloadReport {
+    ReloadReport { outcome, generation, error, duration_ms: ms(duration), seconds_ago: 0.0, at: Some(Instant::now()) }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
