@@ -8,13 +8,15 @@
 //! Spans are not forwarded (their fields would need the host to track app
 //! span ids across the boundary); events inside spans still are.
 
+use std::any::Any;
 use std::fmt::{self, Write as _};
 
 use tracing_core::field::{Field, Visit};
 use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::{Event, Level, LevelFilter, Metadata, Subscriber};
 
-use crate::ffi::{host_log, level};
+use crate::ffi::abi::level;
+use crate::ffi::host::host_log;
 
 /// Installs the forwarder as this library's global `tracing` dispatcher.
 /// A library copy serves one generation, so this runs once per copy; if the
@@ -30,14 +32,20 @@ pub(crate) fn install(generation: u64, max_level: u32) {
 fn install_panic_hook(generation: u64) {
     std::panic::set_hook(Box::new(move |info| {
         let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        let payload = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic with a non-string payload".to_owned());
+        let payload = panic_message(info.payload());
         host_log(level::ERROR, "app_abi", &format!("generation {generation}: panicked{location}: {payload}"));
     }));
+}
+
+/// Text of a panic payload (the hook's, or one the glue caught).
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
 }
 
 fn level_filter(max_level: u32) -> LevelFilter {

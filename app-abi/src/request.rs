@@ -9,7 +9,8 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 
-use crate::ffi::{version, HeadRef, HostBodyRef};
+use crate::ffi::abi::{body_status, version};
+use crate::ffi::host::{HeadRef, HostBodyRef};
 
 /// The HTTP version of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,7 +153,16 @@ impl RequestBody<'_> {
         if self.done {
             return Poll::Ready(None);
         }
-        let polled = self.raw.poll_chunk(cx);
+        let polled = match self.raw.poll(cx.waker()) {
+            (body_status::CHUNK, chunk) => Poll::Ready(Some(Ok(Bytes::copy_from_slice(chunk)))),
+            (body_status::END, _) => Poll::Ready(None),
+            (body_status::PENDING, _) => Poll::Pending,
+            (body_status::TOO_LARGE, limit) => {
+                let limit = std::str::from_utf8(limit).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                Poll::Ready(Some(Err(BodyError::TooLarge { limit })))
+            }
+            (_, reason) => Poll::Ready(Some(Err(BodyError::Read(String::from_utf8_lossy(reason).into_owned())))),
+        };
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             self.done = true;
         }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_core::Stream;
 use tokio::sync::mpsc;
 
-use crate::ffi::{Header, Slice};
+use crate::ffi::header_list::HeaderList;
 
 type HeaderText = Cow<'static, str>;
 
@@ -33,47 +33,21 @@ pub(crate) enum Body {
 /// ```
 pub struct Response {
     pub(crate) status: u16,
-    pub(crate) headers: Headers,
+    pub(crate) headers: HeaderList,
     pub(crate) body: Body,
 }
 
-/// Response headers, kept in the C form the host reads: static strings are
-/// pointed to where they are, owned ones are kept alive in `owned` (a
-/// `String` that moves keeps its heap buffer, so the pointers stay valid).
-#[derive(Default)]
-pub(crate) struct Headers {
-    pub(crate) pairs: Vec<Header>,
-    owned: Vec<String>,
-}
-
-impl Headers {
-    fn push(&mut self, name: HeaderText, value: HeaderText) {
-        let (name, value) = (self.keep(name), self.keep(value));
-        self.pairs.push(Header { name, value });
-    }
-
-    fn keep(&mut self, text: HeaderText) -> Slice {
-        match text {
-            Cow::Borrowed(text) => Slice::from_static(text),
-            Cow::Owned(text) => {
-                let slice = Slice::new(text.as_bytes());
-                self.owned.push(text);
-                slice
-            }
-        }
-    }
-
-    fn content_type(content_type: HeaderText) -> Headers {
-        let mut headers = Headers { pairs: Vec::with_capacity(2), owned: Vec::new() };
-        headers.push(Cow::Borrowed("content-type"), content_type);
-        headers
-    }
+/// Headers holding `content-type`, with room for one more.
+fn content_type_headers(content_type: HeaderText) -> HeaderList {
+    let mut headers = HeaderList::with_capacity(2);
+    headers.push(Cow::Borrowed("content-type"), content_type);
+    headers
 }
 
 impl Response {
     /// An empty response with `status`.
     pub fn new(status: u16) -> Response {
-        Response { status, headers: Headers::default(), body: Body::Bytes(Bytes::new()) }
+        Response { status, headers: HeaderList::default(), body: Body::Bytes(Bytes::new()) }
     }
 
     /// `200` with a `text/plain; charset=utf-8` body.
@@ -83,7 +57,7 @@ impl Response {
 
     /// `200` with a body of `content_type`.
     pub fn bytes(content_type: impl Into<HeaderText>, body: impl Into<Bytes>) -> Response {
-        Response { status: 200, headers: Headers::content_type(content_type.into()), body: Body::Bytes(body.into()) }
+        Response { status: 200, headers: content_type_headers(content_type.into()), body: Body::Bytes(body.into()) }
     }
 
     /// `200` with a body streamed from `stream`; the host pulls the next
@@ -104,7 +78,7 @@ impl Response {
     {
         Response {
             status: 200,
-            headers: Headers::content_type(content_type.into()),
+            headers: content_type_headers(content_type.into()),
             body: Body::Stream(Box::pin(ErrorsAsText(Box::pin(stream)))),
         }
     }
