@@ -5,6 +5,7 @@
 //!
 //! | layer | holds |
 //! |---|---|
+//! | [`process`] | process mode: the supervisor, its workers, their control channel |
 //! | [`lifecycle`] | start-up, signals, reload, drain, shutdown, file watching |
 //! | [`front`] | listener, connections, the request path, response bodies |
 //! | [`operations`] | lifecycle events, systemd notify, metrics, health data |
@@ -24,5 +25,6 @@ pub mod generations;
 pub mod lifecycle;
 pub mod logging;
 pub mod operations;
+pub mod process;
 
 pub use ffi::{AppInfo, LoadedApp, Unloaded};

@@ -6,17 +6,21 @@
 //! not be loaded; 4 the listening socket could not be opened; 128 + N when a
 //! second SIGTERM/SIGINT (signal N) forced an immediate exit.
 
+use std::ffi::OsString;
+use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use pounce_host::config::cli::{CheckArgs, Cli, Command, ServeArgs};
-use pounce_host::config::{self, Config, LogFormat};
+use pounce_host::config::cli::{CheckArgs, Cli, Command, ServeArgs, WorkerArgs};
+use pounce_host::config::{self, Config, LogFormat, Mode};
 use pounce_host::generations::loader::Loader;
 use pounce_host::generations::{self, unload_guard};
-use pounce_host::lifecycle::serve;
-use pounce_host::{check, logging};
+use pounce_host::lifecycle::serve::{self, StartError};
+use pounce_host::logging::{self, Tag};
+use pounce_host::process::{supervisor, worker};
+use pounce_host::check;
 
 /// How long the runtime waits for its tasks after a shutdown, before the
 /// generations are released.
@@ -26,6 +30,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
+        Command::Worker(args) => worker(args),
     }
 }
 
@@ -34,9 +39,44 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(2, anyhow::Error::new(e).context("invalid configuration")),
     };
-    let max_log_level = logging::init(config.log_format, &config.log_level);
+    let max_log_level = logging::init(config.log_format, &config.log_level, None);
+    match config.mode {
+        Mode::Thread => {
+            let workers = config.workers;
+            let unload_timeout = config.shutdown_timeout;
+            run(workers, unload_timeout, serve::serve(config, max_log_level))
+        }
+        Mode::Process => {
+            // The supervisor runs no app code and serves no request: one thread.
+            let unload_timeout = config.shutdown_timeout;
+            run(1, unload_timeout, supervisor::run(config, serve_args()))
+        }
+    }
+}
+
+/// The arguments after `serve`, passed on to every worker.
+fn serve_args() -> Vec<OsString> {
+    std::env::args_os().skip_while(|arg| arg != "serve").skip(1).collect()
+}
+
+fn worker(args: WorkerArgs) -> ExitCode {
+    let config = match Config::from_serve_args(args.serve) {
+        Ok(config) => config,
+        Err(e) => return fail(2, anyhow::Error::new(e).context("invalid configuration")),
+    };
+    let tag = Tag { pid: std::process::id(), generation: args.generation };
+    let max_log_level = logging::init(config.log_format, &config.log_level, Some(tag));
+    let assignment = worker::Assignment { generation: args.generation, supervisor: args.supervisor };
+    let (workers, unload_timeout) = (config.workers, config.shutdown_timeout);
+    run(workers, unload_timeout, worker::run(config, max_log_level, assignment))
+}
+
+/// Runs `serving` on a runtime of `workers` threads, then releases the
+/// generations (each app's `shutdown` runs) and turns the outcome into an
+/// exit code.
+fn run(workers: usize, unload_timeout: Duration, serving: impl Future<Output = Result<(), StartError>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
+        .worker_threads(workers)
         .thread_name("pounce-worker")
         .enable_all()
         .build()
@@ -45,8 +85,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(1, e),
     };
-    let unload_timeout = config.shutdown_timeout;
-    let outcome = runtime.block_on(serve::serve(config, max_log_level));
+    let outcome = runtime.block_on(serving);
     // Dropping the runtime drops every task, and with them the last leases
     // on the generations, whose unload threads run the apps' `shutdown`.
     generations::begin_exit();
@@ -69,7 +108,7 @@ fn check(args: CheckArgs) -> ExitCode {
         Ok(settings) => settings,
         Err(e) => return fail(2, anyhow::Error::new(e).context("invalid configuration")),
     };
-    let max_log_level = logging::init(LogFormat::Text, "warn");
+    let max_log_level = logging::init(LogFormat::Text, "warn", None);
     unload_guard::set_enabled(true);
     let loader = match Loader::new(args.library.clone(), settings, max_log_level, Duration::from_secs(10)) {
         Ok(loader) => loader,

@@ -9,6 +9,8 @@ use tracing_subscriber::EnvFilter;
 
 pub const PORTS: RangeInclusive<u16> = 0..=u16::MAX;
 pub const WORKERS: RangeInclusive<usize> = 1..=1024;
+pub const PROCESSES: RangeInclusive<usize> = 1..=1024;
+pub const RESTARTS: RangeInclusive<u32> = 1..=1000;
 /// `listen(2)` takes a C `int`.
 pub const BACKLOG: RangeInclusive<u32> = 1..=i32::MAX as u32;
 /// hyper's `max_buf_size` panics below 8 KiB; beyond 16 MiB a header limit

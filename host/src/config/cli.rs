@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use super::values::{parse_app_arg, parse_duration, parse_size, LogFormat, Switch};
+use super::values::{
+    parse_app_arg, parse_duration, parse_optional_duration, parse_size, LogFormat, Mode, OptionalDuration, Switch,
+};
 
 /// Serve web apps compiled as cdylib plugins over HTTP, and swap in new app
 /// code while serving.
@@ -38,6 +40,23 @@ pub enum Command {
     ///
     /// Deploy pipelines run it before a reload.
     Check(CheckArgs),
+    /// One worker process of `serve --mode process`, started by the
+    /// supervisor (which passes it the listening socket, a control channel
+    /// and the library); not for direct use.
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// The generation this worker serves.
+    #[arg(long)]
+    pub generation: u64,
+    /// The supervisor's pid: a worker whose parent is not it exits.
+    #[arg(long)]
+    pub supervisor: u32,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -156,6 +175,41 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_ACCESS_LOG", value_name = "on|off")]
     pub access_log: Option<Switch>,
 
+    /// Where app code runs: `thread` (in this process, on its worker
+    /// threads) or `process` (in supervised worker processes, so a crash,
+    /// hang or exit in app code never takes the service down). Default:
+    /// thread.
+    #[arg(long, env = "POUNCE_MODE", value_name = "thread|process")]
+    pub mode: Option<Mode>,
+
+    /// Process mode: worker processes serving each generation, from 1 to
+    /// 1024 (each runs --workers threads). Default: the number of available
+    /// CPUs.
+    #[arg(long, env = "POUNCE_PROCESSES", value_name = "N")]
+    pub processes: Option<usize>,
+
+    /// Process mode: a worker whose event loop shows no progress for this
+    /// long (a handler that spins or blocks every thread) is killed and
+    /// replaced; `off` never kills. Default: 30s.
+    #[arg(long, env = "POUNCE_WORKER_TIMEOUT", value_name = "DURATION|off", value_parser = parse_optional_duration)]
+    pub worker_timeout: Option<OptionalDuration>,
+
+    /// Process mode: more worker restarts than this within --restart-window
+    /// is a crash loop, and restarts back off (1s, 2s, 4s ... 30s) instead of
+    /// spinning. Default: 5.
+    #[arg(long, env = "POUNCE_MAX_RESTARTS", value_name = "N")]
+    pub max_restarts: Option<u32>,
+
+    /// Process mode: the window --max-restarts counts in. Default: 60s.
+    #[arg(long, env = "POUNCE_RESTART_WINDOW", value_name = "DURATION", value_parser = parse_duration)]
+    pub restart_window: Option<Duration>,
+
+    /// Process mode: if workers of a generation crash 3 times within this
+    /// long after its reload, go back to the previous generation's library;
+    /// `off` never rolls back. Default: 30s.
+    #[arg(long, env = "POUNCE_ROLLBACK_WINDOW", value_name = "DURATION|off", value_parser = parse_optional_duration)]
+    pub rollback_window: Option<OptionalDuration>,
+
     /// Keep app thread-local destructors from pinning retired generations in
     /// memory (see ARCHITECTURE.md). Turn off only if unloading misbehaves on
     /// your libc. Default: on.
@@ -207,7 +261,7 @@ pub(crate) mod tests {
         argv.extend_from_slice(args);
         match parse(&argv).expect("valid command line").command {
             Command::Serve(serve) => serve,
-            Command::Check(_) => panic!("parsed as check"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 

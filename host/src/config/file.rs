@@ -12,11 +12,11 @@ use toml::Value;
 
 use super::checks::{
     check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range, parse_host,
-    range_problem, BACKLOG, PORTS, WORKERS,
+    range_problem, BACKLOG, PORTS, PROCESSES, RESTARTS, WORKERS,
 };
 use super::error::{ConfigError, Origin};
 use super::layer::Layer;
-use super::values::{check_app_key, parse_duration, parse_size, Switch};
+use super::values::{check_app_key, parse_duration, parse_optional_duration, parse_size, Switch};
 
 /// The config file's settings, or none if there is no config file.
 pub fn read_optional(path: Option<&Path>) -> Result<Layer, ConfigError> {
@@ -45,6 +45,12 @@ fn read(path: &Path) -> Result<Layer, ConfigError> {
             "log_format" => put(&mut layer.log_format, choice(value)),
             "log_level" => put(&mut layer.log_level, text_of(value).and_then(check_log_level)),
             "unload_guard" => put(&mut layer.unload_guard, switch(value)),
+            "mode" => put(&mut layer.mode, choice(value)),
+            "processes" => put(&mut layer.processes, integer_in(value, &PROCESSES)),
+            "worker_timeout" => put(&mut layer.worker_timeout, optional_timeout(value)),
+            "max_restarts" => put(&mut layer.max_restarts, integer_in(value, &RESTARTS)),
+            "restart_window" => put(&mut layer.restart_window, timeout(value)),
+            "rollback_window" => put(&mut layer.rollback_window, optional_timeout(value)),
             "reload" => put(&mut layer.reload, switch(value)),
             "reload_dir" => {
                 put(&mut layer.reload_dirs, list(value).map(|dirs| dirs.into_iter().map(PathBuf::from).collect()))
@@ -138,6 +144,11 @@ where
 
 fn timeout(value: &Value) -> Result<Duration, String> {
     number_or_text(value).and_then(|text| parse_duration(&text)).and_then(check_timeout)
+}
+
+/// A timeout that may be `off`.
+fn optional_timeout(value: &Value) -> Result<Option<Duration>, String> {
+    number_or_text(value).and_then(|text| parse_optional_duration(&text)).map(|t| t.0)
 }
 
 fn size(value: &Value) -> Result<u64, String> {

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::checks::{
-    check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range, BACKLOG, WORKERS,
+    check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range, BACKLOG, PROCESSES,
+    RESTARTS, WORKERS,
 };
 use super::cli::ServeArgs;
 use super::error::{ConfigError, Origin};
-use super::values::LogFormat;
+use super::values::{LogFormat, Mode};
 
 /// The settings one source gave; `None` means that source left it unset.
 #[derive(Debug, Default)]
@@ -33,6 +34,13 @@ pub struct Layer {
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub unload_guard: Option<bool>,
+    pub mode: Option<Mode>,
+    pub processes: Option<usize>,
+    /// `Some(None)` means explicitly turned off.
+    pub worker_timeout: Option<Option<Duration>>,
+    pub max_restarts: Option<u32>,
+    pub restart_window: Option<Duration>,
+    pub rollback_window: Option<Option<Duration>>,
     pub app_args: Vec<(String, String)>,
     pub reload: Option<bool>,
     pub reload_dirs: Option<Vec<PathBuf>>,
@@ -60,6 +68,12 @@ impl Layer {
             log_format: args.log_format,
             log_level: flag("log_level", args.log_level, check_log_level)?,
             unload_guard: args.unload_guard.map(bool::from),
+            mode: args.mode,
+            processes: flag("processes", args.processes, |n| in_range(n, &PROCESSES))?,
+            worker_timeout: args.worker_timeout.map(|t| t.0),
+            max_restarts: flag("max_restarts", args.max_restarts, |n| in_range(n, &RESTARTS))?,
+            restart_window: flag("restart_window", args.restart_window, check_timeout)?,
+            rollback_window: args.rollback_window.map(|t| t.0),
             app_args: args.app_args,
             reload: args.reload.map(bool::from),
             reload_dirs: (!args.reload_dir.is_empty()).then_some(args.reload_dir),

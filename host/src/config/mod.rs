@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use error::{ConfigError, Origin};
-pub use values::{format_duration, LogFormat};
+pub use values::{format_duration, LogFormat, Mode};
 
-use checks::WORKERS;
+use checks::{PROCESSES, WORKERS};
 use cli::{CheckArgs, ServeArgs};
 use layer::Layer;
 
@@ -37,6 +37,10 @@ const DEFAULT_MAX_BODY_SIZE: u64 = 1 << 20;
 const DEFAULT_MAX_HEADER_SIZE: usize = 64 << 10;
 const DEFAULT_HEALTH_PATH: &str = "/health";
 const DEFAULT_LOG_LEVEL: &str = "info";
+const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_RESTARTS: u32 = 5;
+const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(60);
+const DEFAULT_ROLLBACK_WINDOW: Duration = Duration::from_secs(30);
 
 /// The host's fully resolved settings, fixed for the life of the process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +66,15 @@ pub struct Config {
     /// holding the last value given, at the position the key first appeared.
     pub app_args: Vec<(String, String)>,
     pub unload_guard: bool,
+    pub mode: Mode,
+    /// Worker processes per generation (process mode).
+    pub processes: usize,
+    /// `None`: hung workers are never killed.
+    pub worker_timeout: Option<Duration>,
+    pub max_restarts: u32,
+    pub restart_window: Duration,
+    /// `None`: never roll back automatically.
+    pub rollback_window: Option<Duration>,
     /// Watch files and reload on change (development).
     pub reload: bool,
     pub reload_dirs: Vec<PathBuf>,
@@ -97,7 +110,7 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
         library,
         host: flags.host.or(file.host).unwrap_or(DEFAULT_HOST),
         port: flags.port.or(file.port).unwrap_or(DEFAULT_PORT),
-        workers: flags.workers.or(file.workers).unwrap_or_else(default_workers),
+        workers: flags.workers.or(file.workers).unwrap_or_else(|| available_cpus(&WORKERS)),
         backlog: flags.backlog.or(file.backlog).unwrap_or(DEFAULT_BACKLOG),
         reload_timeout: flags.reload_timeout.or(file.reload_timeout).unwrap_or(DEFAULT_RELOAD_TIMEOUT),
         shutdown_timeout: flags.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
@@ -110,6 +123,12 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
         log_format: flags.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         log_level: flags.log_level.or(file.log_level).unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
         unload_guard: flags.unload_guard.or(file.unload_guard).unwrap_or(true),
+        mode: flags.mode.or(file.mode).unwrap_or(Mode::Thread),
+        processes: flags.processes.or(file.processes).unwrap_or_else(|| available_cpus(&PROCESSES)),
+        worker_timeout: flags.worker_timeout.or(file.worker_timeout).unwrap_or(Some(DEFAULT_WORKER_TIMEOUT)),
+        max_restarts: flags.max_restarts.or(file.max_restarts).unwrap_or(DEFAULT_MAX_RESTARTS),
+        restart_window: flags.restart_window.or(file.restart_window).unwrap_or(DEFAULT_RESTART_WINDOW),
+        rollback_window: flags.rollback_window.or(file.rollback_window).unwrap_or(Some(DEFAULT_ROLLBACK_WINDOW)),
         app_args: merge_app_args(file.app_args, flags.app_args),
         reload: flags.reload.or(file.reload).unwrap_or(false),
         reload_dirs: flags.reload_dirs.or(file.reload_dirs).unwrap_or_default(),
@@ -119,9 +138,9 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
     }
 }
 
-/// One worker per CPU the process may use, within the allowed range.
-fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, NonZeroUsize::get).min(*WORKERS.end())
+/// One per CPU the process may use, within the allowed range.
+fn available_cpus(range: &std::ops::RangeInclusive<usize>) -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get).min(*range.end())
 }
 
 /// Keeps one entry per key: the last value, at the key's first position, so
@@ -272,6 +291,25 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level, "pounce_host=debug,warn");
         assert!(!config.unload_guard);
+    }
+
+    #[test]
+    fn process_mode_settings_come_from_flags_and_file() {
+        let config = config(&["--mode", "process", "--processes", "3", "--worker-timeout", "off"]).unwrap();
+        assert_eq!(config.mode, Mode::Process);
+        assert_eq!(config.processes, 3);
+        assert_eq!(config.worker_timeout, None);
+        assert_eq!(config.rollback_window, Some(DEFAULT_ROLLBACK_WINDOW));
+        let toml = "mode = \"process\"\nprocesses = 2\nworker_timeout = \"2s\"\nmax_restarts = 9\nrestart_window = \"10s\"\nrollback_window = \"off\"\n";
+        let config = config_with_file("process", toml, &[]).unwrap();
+        assert_eq!(config.mode, Mode::Process);
+        assert_eq!(config.processes, 2);
+        assert_eq!(config.worker_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(config.max_restarts, 9);
+        assert_eq!(config.restart_window, Duration::from_secs(10));
+        assert_eq!(config.rollback_window, None);
+        let (_, message) = error_with_file("badmode", "mode = \"fork\"\n");
+        assert!(message.contains("mode"), "{message}");
     }
 
     #[test]
@@ -495,6 +533,12 @@ mod tests {
             reload_include = ".html,.css"
             metrics_path = "/metrics"
             access_log = "on"
+            mode = "thread"
+            processes = 1
+            worker_timeout = "off"
+            max_restarts = 1
+            restart_window = "1s"
+            rollback_window = "1s"
             [app]
         "#;
         let table: toml::Table = toml.parse().unwrap();

@@ -7,6 +7,33 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 
+/// Where app code runs (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// In the server process, on its worker threads: the fastest, but a
+    /// crash in app code takes the server down.
+    Thread,
+    /// In supervised worker processes: a crash, hang or exit in app code
+    /// costs only that worker's connections.
+    Process,
+}
+
+/// A duration that may be turned off (`off`), such as `--worker-timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalDuration(pub Option<Duration>);
+
+/// Parses `off` or a duration (see [`parse_duration`]); zero is refused, as
+/// for every timeout.
+pub fn parse_optional_duration(text: &str) -> Result<OptionalDuration, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(OptionalDuration(None));
+    }
+    match parse_duration(text)? {
+        duration if duration.is_zero() => Err("must be greater than zero, or off".to_owned()),
+        duration => Ok(OptionalDuration(Some(duration))),
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {

@@ -20,20 +20,31 @@ use std::process::{Child, Command};
 /// that started it exits (`PR_SET_PDEATHSIG`): call this from a thread that
 /// lives as long as the supervisor.
 pub fn spawn_with_fds(command: &mut Command, fds: &[(RawFd, RawFd)]) -> io::Result<Child> {
-    let fds = fds.to_vec();
+    const MAX: usize = 8;
+    if fds.len() > MAX {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors for a worker"));
+    }
+    let mut table = [(-1, -1); MAX];
+    table[..fds.len()].copy_from_slice(fds);
+    let count = fds.len();
     // SAFETY: the hook runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: it calls only dup2, fcntl and
-    // prctl, allocates nothing (the Vec was built before the fork) and
-    // touches no lock.
+    // async-signal-safe calls are allowed: it calls only fcntl, dup2 and
+    // prctl, allocates nothing (the table is a copied array) and touches no
+    // lock.
     unsafe {
         command.pre_exec(move || {
-            for &(source, target) in &fds {
-                if source == target {
-                    // dup2 onto itself keeps close-on-exec: clear it instead.
-                    if libc::fcntl(target, libc::F_SETFD, 0) == -1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(source, target) == -1 {
+            // First move every source above the targets (close-on-exec), so
+            // that a source whose number is another's target is not lost.
+            let mut moved = [-1; MAX];
+            for (slot, &(source, _)) in moved.iter_mut().zip(&table[..count]) {
+                *slot = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 64);
+                if *slot == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // dup2 clears close-on-exec on the target: these reach the program.
+            for (&temporary, &(_, target)) in moved.iter().zip(&table[..count]) {
+                if libc::dup2(temporary, target) == -1 {
                     return Err(io::Error::last_os_error());
                 }
             }

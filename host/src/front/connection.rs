@@ -102,16 +102,22 @@ impl Control {
 }
 
 /// What every connection follows: its deadlines, and whether the server is
-/// shutting down.
+/// shutting down or (a process-mode worker) retiring.
 pub struct Rules {
     pub header_timeout: Duration,
     pub keep_alive_timeout: Duration,
     shutting_down: AtomicBool,
+    retiring: AtomicBool,
 }
 
 impl Rules {
     pub fn new(header_timeout: Duration, keep_alive_timeout: Duration) -> Rules {
-        Rules { header_timeout, keep_alive_timeout, shutting_down: AtomicBool::new(false) }
+        Rules {
+            header_timeout,
+            keep_alive_timeout,
+            shutting_down: AtomicBool::new(false),
+            retiring: AtomicBool::new(false),
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -120,6 +126,17 @@ impl Rules {
 
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this process hands its clients over to newer workers: it
+    /// still serves every request it gets, but closes each connection
+    /// after its current response.
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(Ordering::Relaxed)
+    }
+
+    pub fn begin_retiring(&self) {
+        self.retiring.store(true, Ordering::Relaxed);
     }
 }
 
@@ -150,6 +167,11 @@ impl Connection {
     /// Whether a request of `generation` (or older) may still be running here.
     pub fn may_hold(&self, generation: u64) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0 && self.generation.load(Ordering::Relaxed) <= generation
+    }
+
+    /// Whether a request is being served on this connection.
+    pub fn is_busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
     }
 
     /// Closes the connection at once, cutting what runs on it.
@@ -264,7 +286,7 @@ impl Drop for Activity {
         // During a shutdown, a connection that was accepted late (or raced
         // the shutdown's sweep over connections) closes after its answer;
         // for HTTP/2 that is a GOAWAY, which `Connection: close` is not.
-        if connection.rules.is_shutting_down() {
+        if connection.rules.is_shutting_down() || connection.rules.is_retiring() {
             connection.control.set(FINISH);
         }
     }

@@ -15,7 +15,7 @@ pub struct Connections {
     open: Mutex<Vec<Weak<Connection>>>,
     count: AtomicUsize,
     all_closed: Notify,
-    force_close: watch::Sender<bool>,
+    stop_accepting: watch::Sender<bool>,
 }
 
 impl Connections {
@@ -25,7 +25,7 @@ impl Connections {
             open: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
             all_closed: Notify::new(),
-            force_close: watch::Sender::new(false),
+            stop_accepting: watch::Sender::new(false),
         }
     }
 
@@ -48,8 +48,25 @@ impl Connections {
         self.count.load(Ordering::Acquire)
     }
 
-    pub fn force_close_signal(&self) -> watch::Receiver<bool> {
-        self.force_close.subscribe()
+    /// Changes when the accept loop must stop (forced close, or retiring).
+    pub fn stop_accepting_signal(&self) -> watch::Receiver<bool> {
+        self.stop_accepting.subscribe()
+    }
+
+    pub fn is_retiring(&self) -> bool {
+        self.rules.is_retiring()
+    }
+
+    /// A process-mode worker hands over to newer ones: stop accepting (the
+    /// listening socket stays open in the other processes), close idle
+    /// connections after their next response (`Connection: close`), busy
+    /// ones after their current response. Nothing is refused.
+    pub fn retire(&self) {
+        self.rules.begin_retiring();
+        self.stop_accepting.send_replace(true);
+        for connection in self.open_connections().iter().filter(|c| c.is_busy()) {
+            connection.finish();
+        }
     }
 
     /// Starts a graceful shutdown: new requests get 503, idle connections
@@ -64,7 +81,7 @@ impl Connections {
     /// Closes every connection still open, cancelling what runs on them,
     /// and stops accepting.
     pub fn force_close(&self) {
-        self.force_close.send_replace(true);
+        self.stop_accepting.send_replace(true);
         for connection in self.open_connections() {
             connection.close();
         }

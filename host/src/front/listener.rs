@@ -40,15 +40,16 @@ pub fn bind(config: &Config) -> Result<TcpListener, BindError> {
     socket.listen(config.backlog).map_err(other)
 }
 
-/// Accepts connections until every connection is force-closed at the end of
-/// a shutdown. During a shutdown it keeps accepting, so a late client gets a
-/// quick `503` instead of hanging in the backlog.
+/// Accepts connections until the end of a shutdown (every connection is
+/// force-closed) or until a process-mode worker retires. During a shutdown
+/// it keeps accepting, so a late client gets a quick `503` instead of
+/// hanging in the backlog.
 pub async fn accept_loop(server: Arc<Server>, listener: TcpListener) {
-    let mut force_close = server.connections.force_close_signal();
+    let mut stop = server.connections.stop_accepting_signal();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = force_close.changed() => return,
+            _ = stop.changed() => return,
         };
         match accepted {
             Ok((stream, peer)) => {

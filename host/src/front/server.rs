@@ -48,6 +48,7 @@ impl Server {
             connections: self.connections.count(),
             draining: self.current.draining().len(),
             last_reload: self.reporter.last_reload(),
+            service: self.reporter.service(),
         }
     }
 }

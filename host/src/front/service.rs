@@ -39,6 +39,10 @@ pub async fn handle(
         record.answered(response.status().as_u16(), generation);
     }
     response.body_mut().attach(activity, record);
+    if server.connections.is_retiring() {
+        // A retiring worker's client should take its next request elsewhere.
+        response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
     Ok(response)
 }
 

@@ -105,15 +105,9 @@ impl Loader {
     /// file replaced meanwhile cannot mix two versions) and opens it.
     fn stage_and_open(&self, number: u64) -> Result<OpenedLibrary, LoadError> {
         let copy = self.staging.copy_in(&self.source, number)?;
-        let opened = match elf::check_file(&copy) {
-            Err(error) => Err(LoadError::Unreadable { path: self.source.clone(), error }),
-            Ok(Err(problem @ ElfProblem::Truncated { .. })) => {
-                Err(LoadError::Damaged { path: self.source.clone(), problem })
-            }
-            Ok(Err(problem)) => Err(LoadError::NotLibrary { path: self.source.clone(), problem }),
-            Ok(Ok(())) => OpenedLibrary::open(&copy, number)
-                .map_err(|reason| LoadError::Open { path: self.source.clone(), reason }),
-        };
+        let opened = check_elf(&self.source, &copy).and_then(|()| {
+            OpenedLibrary::open(&copy, number).map_err(|reason| LoadError::Open { path: self.source.clone(), reason })
+        });
         // Mapped (or failed): the copy's name is no longer needed.
         let _ = fs::remove_file(&copy);
         opened
@@ -131,8 +125,20 @@ fn run_on_thread<'scope, T: Send + 'scope>(
     thread.join().map_err(|_| LoadError::Crashed { path: source.to_owned() })
 }
 
+/// Checks the ELF headers of `file` (a copy of `source`, named in errors):
+/// a truncated file would SIGBUS after `dlopen`, anything else not ELF is
+/// not a library.
+pub fn check_elf(source: &Path, file: &Path) -> Result<(), LoadError> {
+    match elf::check_file(file) {
+        Err(error) => Err(LoadError::Unreadable { path: source.to_owned(), error }),
+        Ok(Err(problem @ ElfProblem::Truncated { .. })) => Err(LoadError::Damaged { path: source.to_owned(), problem }),
+        Ok(Err(problem)) => Err(LoadError::NotLibrary { path: source.to_owned(), problem }),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
 /// Rejects a path that is missing or a directory, with a message that says so.
-fn check_source(path: &Path) -> Result<(), LoadError> {
+pub fn check_source(path: &Path) -> Result<(), LoadError> {
     let metadata = fs::metadata(path).map_err(|error| match error.kind() {
         io::ErrorKind::NotFound => LoadError::Missing { path: path.to_owned() },
         _ => LoadError::Unreadable { path: path.to_owned(), error },

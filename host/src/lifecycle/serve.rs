@@ -28,6 +28,9 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Watch(#[from] WatchError),
+    /// Process mode: the first generation's workers did not all start.
+    #[error("cannot start the workers: {0}")]
+    Workers(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -38,7 +41,7 @@ impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
             StartError::Watch(_) => 2,
-            StartError::Load(_) => 3,
+            StartError::Load(_) | StartError::Workers(_) => 3,
             StartError::Bind(_) => 4,
             StartError::Io(_) => 1,
         }
@@ -78,9 +81,7 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
         load: first.duration,
         init: info.init_duration,
     });
-    if let (Some(_), Some(interval)) = (server.reporter.systemd(), sd_notify::watchdog_interval()) {
-        tokio::spawn(watchdog(server.clone(), interval));
-    }
+    sd_notify::spawn_watchdog();
     reload::spawn(server.clone(), loader, reloads.clone());
     let first_stop = loop {
         match signals.next().await {
@@ -95,22 +96,10 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     Ok(())
 }
 
-fn watch_spec(config: &Config) -> WatchSpec {
+pub fn watch_spec(config: &Config) -> WatchSpec {
     WatchSpec {
         library: config.library.clone(),
         dirs: config.reload_dirs.clone(),
         include: config.reload_include.clone(),
-    }
-}
-
-/// Sends `WATCHDOG=1` every `interval` from a task on the serving runtime:
-/// if the runtime wedges, the pings stop and systemd restarts the service.
-async fn watchdog(server: Arc<Server>, interval: std::time::Duration) {
-    let mut ticks = tokio::time::interval(interval);
-    loop {
-        ticks.tick().await;
-        if let Some(systemd) = server.reporter.systemd() {
-            systemd.watchdog();
-        }
     }
 }

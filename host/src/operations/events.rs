@@ -65,6 +65,47 @@ pub enum Event<'a> {
         took: Duration,
         connections: usize,
     },
+    /// Process mode: a worker process started (it is not serving yet).
+    WorkerStarted {
+        pid: u32,
+        generation: u64,
+    },
+    /// Process mode: a worker loaded its generation and accepts connections,
+    /// `startup` after it was started.
+    WorkerReady {
+        pid: u32,
+        generation: u64,
+        startup: Duration,
+    },
+    /// Process mode: a worker process ended. `expected`: it was told to
+    /// retire or stop; otherwise it crashed (or exited on its own).
+    WorkerExited {
+        pid: u32,
+        generation: u64,
+        how: &'a str,
+        expected: bool,
+    },
+    /// Process mode: a worker showed no progress for `silent` and is killed.
+    WorkerHung {
+        pid: u32,
+        generation: u64,
+        silent: Duration,
+    },
+    /// Process mode: more than `restarts` restarts in `window`: the next
+    /// one waits `delay`.
+    CrashLoop {
+        restarts: usize,
+        window: Duration,
+        delay: Duration,
+    },
+    /// Process mode: `generation` crashed `crashes` times soon after its
+    /// reload; the library of `back_to` is loaded again as `into`.
+    RollingBack {
+        generation: u64,
+        crashes: usize,
+        back_to: u64,
+        into: u64,
+    },
 }
 
 pub(super) fn ms(duration: Duration) -> f64 {
@@ -139,6 +180,56 @@ impl Event<'_> {
                 shutdown_ms = ms(took),
                 connections,
                 "shutdown_timeout reached; closing the remaining connections"
+            ),
+            Event::WorkerStarted { pid, generation } => {
+                tracing::debug!(event = "worker_started", pid, generation, "worker {pid} of generation {generation} started")
+            }
+            Event::WorkerReady { pid, generation, startup } => tracing::info!(
+                event = "worker_ready",
+                pid,
+                generation,
+                startup_ms = ms(startup),
+                "worker {pid} of generation {generation} serving ({:.1} ms after it started)",
+                ms(startup)
+            ),
+            Event::WorkerExited { pid, generation, how, expected: true } => tracing::info!(
+                event = "worker_exited",
+                pid,
+                generation,
+                how,
+                "worker {pid} of generation {generation} {how}"
+            ),
+            Event::WorkerExited { pid, generation, how, expected: false } => tracing::error!(
+                event = "worker_crashed",
+                pid,
+                generation,
+                how,
+                "worker {pid} of generation {generation} {how}; its connections are lost, a replacement starts"
+            ),
+            Event::WorkerHung { pid, generation, silent } => tracing::error!(
+                event = "worker_hung",
+                pid,
+                generation,
+                silent_ms = ms(silent),
+                "worker {pid} of generation {generation} made no progress for {}; killing it (see --worker-timeout)",
+                format_duration(silent)
+            ),
+            Event::CrashLoop { restarts, window, delay } => tracing::error!(
+                event = "crash_loop",
+                restarts,
+                delay_ms = ms(delay),
+                "crash loop: {restarts} worker restarts within {}; next restart in {}",
+                format_duration(window),
+                format_duration(delay)
+            ),
+            Event::RollingBack { generation, crashes, back_to, into } => tracing::error!(
+                event = "rolling_back",
+                generation,
+                crashes,
+                back_to,
+                into,
+                "generation {generation} crashed {crashes} times right after its reload; \
+                 rolling back to the library of generation {back_to}, as generation {into}"
             ),
         }
     }

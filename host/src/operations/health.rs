@@ -28,6 +28,10 @@ pub struct Snapshot {
     pub connections: usize,
     pub draining: usize,
     pub last_reload: Option<ReloadReport>,
+    /// Process mode: the service as the supervisor sees it (its generation,
+    /// workers, restarts, rollbacks, last reload); this process's own
+    /// figures stay in the other fields.
+    pub service: Option<serde_json::Value>,
 }
 
 impl Snapshot {
@@ -43,7 +47,7 @@ impl Snapshot {
 
     /// The health endpoint's body: one JSON object and a newline.
     pub fn to_json(&self) -> String {
-        let body = json!({
+        let mut body = json!({
             "status": self.status(),
             "generation": self.generation,
             "uptime_seconds": self.uptime.as_secs_f64(),
@@ -52,6 +56,13 @@ impl Snapshot {
             "draining_generations": self.draining,
             "last_reload": self.last_reload,
         });
+        if let Some(service) = &self.service {
+            body["mode"] = json!("process");
+            body["generation"] = service["generation"].clone();
+            body["last_reload"] = service["last_reload"].clone();
+            body["draining_generations"] = service["draining_generations"].clone();
+            body["service"] = service.clone();
+        }
         format!("{body}\n")
     }
 }

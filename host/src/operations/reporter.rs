@@ -15,6 +15,9 @@ pub struct Reporter {
     last_reload: Mutex<Option<ReloadReport>>,
     systemd: Option<SdNotify>,
     metrics: Option<Metrics>,
+    /// Process mode: the whole service's state as the supervisor last sent
+    /// it, so any worker's health answer describes the service.
+    service: Mutex<Option<serde_json::Value>>,
 }
 
 impl Reporter {
@@ -26,6 +29,7 @@ impl Reporter {
             last_reload: Mutex::new(None),
             systemd: SdNotify::from_env(),
             metrics: metrics.then(Metrics::new),
+            service: Mutex::new(None),
         }
     }
 
@@ -46,6 +50,14 @@ impl Reporter {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    pub fn set_service(&self, state: serde_json::Value) {
+        *lock(&self.service) = Some(state);
+    }
+
+    pub fn service(&self) -> Option<serde_json::Value> {
+        lock(&self.service).clone()
     }
 
     /// The last reload's outcome, aged to now.

@@ -62,6 +62,20 @@ impl SdNotify {
     }
 }
 
+/// Sends `WATCHDOG=1` every half `$WATCHDOG_USEC` from a task on the
+/// calling runtime, when systemd asks for it: if the runtime wedges, the
+/// pings stop and systemd restarts the service.
+pub fn spawn_watchdog() {
+    let (Some(systemd), Some(interval)) = (SdNotify::from_env(), watchdog_interval()) else { return };
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        loop {
+            ticks.tick().await;
+            systemd.watchdog();
+        }
+    });
+}
+
 /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC`, if the
 /// watchdog is on and meant for this process (`$WATCHDOG_PID`, if set).
 pub fn watchdog_interval() -> Option<Duration> {
