@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use pounce_host::check;
 use pounce_host::config::cli::{CheckArgs, Cli, Command, ServeArgs, WorkerArgs};
 use pounce_host::config::{self, Config, LogFormat, Mode};
 use pounce_host::generations::loader::Loader;
@@ -20,7 +21,6 @@ use pounce_host::generations::{self, unload_guard};
 use pounce_host::lifecycle::serve::{self, StartError};
 use pounce_host::logging::{self, Tag};
 use pounce_host::process::{supervisor, worker};
-use pounce_host::check;
 
 /// How long the runtime waits for its tasks after a shutdown, before the
 /// generations are released.

@@ -12,6 +12,9 @@
 //! | `GET /events` | one event a second until the generation drains |
 //! | `POST /echo` | the request body back |
 //! | `GET /panic` | the handler panics (the client gets `500`) |
+//! | `GET /fault/...` | crashes, exits, blocks or spins on purpose, with `--app-arg faults=on` (see `faults.rs`) |
+
+mod faults;
 
 use std::time::Duration;
 
@@ -32,6 +35,8 @@ const MAX_WAIT_MS: u64 = 600_000;
 struct SampleApp {
     generation: u64,
     drain: DrainSignal,
+    /// `--app-arg faults=on`: the `/fault/...` routes misbehave.
+    faults: bool,
 }
 
 impl App for SampleApp {
@@ -49,13 +54,23 @@ impl App for SampleApp {
             Some(_) => return Err("sample-app: init failed because fail_init is set".into()),
             None => {}
         }
+        faults::built_in("init");
         tracing::info!(greeting = GREETING, "sample-app ready");
-        Ok(SampleApp { generation: ctx.generation(), drain: ctx.drain_signal() })
+        let faults = ctx.setting("faults") == Some("on");
+        Ok(SampleApp { generation: ctx.generation(), drain: ctx.drain_signal(), faults })
     }
 
     async fn handle(&self, req: Request<'_>) -> Response {
+        if self.faults && req.method() == "GET" {
+            if let Some(response) = faults::route(&req, req.path()) {
+                return response;
+            }
+        }
         match (req.method(), req.path()) {
-            ("GET", "/") => Response::text("Hello, World!"),
+            ("GET", "/") => {
+                faults::built_in("serve");
+                Response::text("Hello, World!")
+            }
             ("GET", "/version") => Response::text(format!("{GREETING} (generation {})\n", self.generation)),
             ("GET", "/sleep") => self.sleep(&req).await,
             ("GET", "/blocking") => blocking(&req).await,

@@ -339,6 +339,12 @@ impl Client {
         Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body })
     }
 
+    /// Whether the server closed this connection (after `Connection: close`,
+    /// say): the next request needs a new one.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
     pub async fn get(&mut self, path: &str) -> Result<Reply, ClientError> {
         self.send("GET", path, Bytes::new()).await
     }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::checks::{
-    check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range, BACKLOG, PROCESSES,
-    RESTARTS, WORKERS,
+    check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range, BACKLOG,
+    PROCESSES, RESTARTS, WORKERS,
 };
 use super::cli::ServeArgs;
 use super::error::{ConfigError, Origin};

@@ -211,8 +211,8 @@ impl Event<'_> {
                 pid,
                 generation,
                 silent_ms = ms(silent),
-                "worker {pid} of generation {generation} made no progress for {}; killing it (see --worker-timeout)",
-                format_duration(silent)
+                "worker {pid} of generation {generation} made no progress for {:.1}s; killing it (see --worker-timeout)",
+                silent.as_secs_f64()
             ),
             Event::CrashLoop { restarts, window, delay } => tracing::error!(
                 event = "crash_loop",

@@ -300,8 +300,16 @@ impl Supervisor {
         }
         let orders = self.connect(pid, mine)?;
         let now = Instant::now();
-        let worker =
-            Worker { generation, state: State::Starting, started: now, last_beat: now, connections: 0, in_flight: 0, hung: false, orders };
+        let worker = Worker {
+            generation,
+            state: State::Starting,
+            started: now,
+            last_beat: now,
+            connections: 0,
+            in_flight: 0,
+            hung: false,
+            orders,
+        };
         self.workers.insert(pid, worker);
         self.reporter.emit(Event::WorkerStarted { pid, generation });
         Ok(pid)
@@ -406,7 +414,13 @@ impl Supervisor {
         });
         let Some(old) = previous else {
             let (load, init) = (reload.started.elapsed(), init);
-            self.reporter.emit(Event::Ready { address: self.address, app: &app, app_version: &app_version, load, init });
+            self.reporter.emit(Event::Ready {
+                address: self.address,
+                app: &app,
+                app_version: &app_version,
+                load,
+                init,
+            });
             self.tell_service_state();
             return;
         };
@@ -727,6 +741,9 @@ mod tests {
     fn exits_are_described_with_the_signal_or_the_status() {
         assert_eq!(describe(ExitStatus::from_raw(7 << 8)), "exited with status 7");
         assert_eq!(describe(ExitStatus::from_raw(libc::SIGSEGV)), "was killed by signal 11 (SIGSEGV)");
-        assert_eq!(describe(ExitStatus::from_raw(libc::SIGABRT | 0x80)), "was killed by signal 6 (SIGABRT, core dumped)");
+        assert_eq!(
+            describe(ExitStatus::from_raw(libc::SIGABRT | 0x80)),
+            "was killed by signal 6 (SIGABRT, core dumped)"
+        );
     }
 }

@@ -1,0 +1,376 @@
+//! Process mode end to end: the real `pounce-host serve --mode process`, real
+//! crashes (the sample app's `/fault/...` routes and libraries built to
+//! crash), real signals, HTTP over loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pounce_tests::{get, replace_file, sample_app, variants_target_dir, Client, Reply, Server, TempDir};
+
+const PROCESS_MODE: [&str; 6] = ["--mode", "process", "--processes", "2", "--app-arg", "faults=on"];
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    PROCESS_MODE.iter().copied().chain(extra.iter().copied()).collect()
+}
+
+/// The sample app built with `SAMPLE_FAULT=fault` (crash in init, or on
+/// every `GET /`), built once per test process.
+fn fault_variant(fault: &str) -> PathBuf {
+    let target = variants_target_dir();
+    let built = target.join(format!("libsample_fault_{}_{}.so", fault.replace('-', "_"), std::process::id()));
+    if !built.exists() {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+            .args(["build", "--quiet", "-p", "sample-app"])
+            .current_dir(pounce_tests::workspace())
+            .env("CARGO_TARGET_DIR", &target)
+            .env("SAMPLE_FAULT", fault)
+            .env_remove("SAMPLE_GREETING")
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the {fault} variant failed");
+        std::fs::copy(target.join("debug/libsample_app.so"), &built).expect("keep the variant");
+    }
+    built
+}
+
+/// A library whose ELF constructor writes through a null pointer: it
+/// crashes whoever `dlopen`s it, before any app code is called.
+fn constructor_crash(dir: &TempDir) -> PathBuf {
+    let source = dir.join("ctor.c");
+    std::fs::write(&source, "__attribute__((constructor)) static void boom(void) { *(volatile int *)0 = 1; }\n")
+        .expect("write C source");
+    let library = dir.join("libctor.so");
+    let status =
+        Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&library).arg(&source).status().expect("cc runs");
+    assert!(status.success(), "cc failed");
+    library
+}
+
+/// The library the server serves, in a directory of its own so a test can
+/// replace it like a deploy.
+fn deployed(dir: &TempDir) -> PathBuf {
+    let library = dir.join("libapp.so");
+    replace_file(&sample_app(), &library);
+    library
+}
+
+/// `GET path` on a fresh connection, given up after `limit`.
+fn get_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> Option<Result<Reply, String>> {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async { tokio::time::timeout(limit, get(addr, path)).await.ok() })
+}
+
+fn health(server: &Server) -> serde_json::Value {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let reply = runtime.block_on(get(server.addr, "/health")).expect("health answers");
+    serde_json::from_slice(&reply.body).expect("health is JSON")
+}
+
+/// Keep-alive clients sending `GET /` until stopped; counts what failed.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    runtime: tokio::runtime::Runtime,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(server: &Server, clients: usize) -> Load {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+        let (stop, ok, failed) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), server.addr);
+                runtime.spawn(async move {
+                    let mut client: Option<Client> = None;
+                    // Bounded: at most 200 000 requests or until stopped.
+                    for _ in 0..200_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        // A connection the server closed (Connection: close, a
+                        // retiring worker) is replaced before sending: only a
+                        // request actually sent can fail.
+                        if client.as_ref().is_none_or(Client::is_closed) {
+                            match Client::connect(addr).await {
+                                Ok(c) => client = Some(c),
+                                Err(_) => {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                    continue;
+                                }
+                            }
+                        }
+                        let Some(c) = client.as_mut() else { continue };
+                        match c.get("/").await {
+                            Ok(reply) if reply.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                client = None;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failed, runtime, clients }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` requests have succeeded (at most `timeout`).
+    fn wait_for_progress(&self, more: u64, timeout: Duration) -> bool {
+        let target = self.ok() + more;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.ok() >= target {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// Stops the clients; returns (succeeded, failed).
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.runtime.block_on(async {
+            for client in self.clients {
+                let _ = tokio::time::timeout(Duration::from_secs(10), client).await;
+            }
+        });
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+/// A fresh `GET /` answers within `timeout` (retrying while a worker is
+/// being replaced).
+fn answers_within(server: &Server, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if let Some(Ok(reply)) = get_within(server.addr, "/", Duration::from_millis(500)) {
+            if reply.status == 200 && reply.body == "Hello, World!" {
+                return Some(started.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn fault(server: &Server, route: &str) {
+    let outcome = get_within(server.addr, route, Duration::from_secs(5));
+    assert!(!matches!(outcome, Some(Ok(ref reply)) if reply.status == 200), "{route} did not crash: {outcome:?}");
+}
+
+#[test]
+fn each_kind_of_crash_costs_only_the_dead_workers_connections() {
+    let server = Server::start(&sample_app(), &args(&["--workers", "1"]));
+    let load = Load::start(&server, 4);
+    assert!(load.wait_for_progress(50, Duration::from_secs(10)), "load runs");
+    let crashes = [
+        ("/fault/segfault", "signal 11 (SIGSEGV)"),
+        ("/fault/abort", "signal 6 (SIGABRT"),
+        ("/fault/stack-overflow", "signal 6 (SIGABRT"),
+        ("/fault/exit?code=7", "exited with status 7"),
+    ];
+    for (n, (route, how)) in crashes.iter().enumerate() {
+        fault(&server, route);
+        assert!(server.wait_for_log(how, Duration::from_secs(10)), "{route}: no crash logged:\n{}", server.logs());
+        // Two workers at start, one replacement per crash.
+        let ready = 3 + n;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.count_logs("event=\"worker_ready\"") < ready && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(server.count_logs("event=\"worker_ready\"") >= ready, "{route}: no replacement:\n{}", server.logs());
+        assert!(answers_within(&server, Duration::from_secs(1)).is_some(), "{route}: service did not answer");
+        assert!(load.wait_for_progress(20, Duration::from_secs(10)), "{route}: load stalled");
+    }
+    let (ok, failed) = load.finish();
+    println!("4 crashes under load: {ok} requests answered, {failed} failed (on the dead workers' connections)");
+    // At most the requests in flight on the dead workers' connections: one per client per crash.
+    assert!(failed <= 4 * 4, "{failed} requests failed");
+    assert_eq!(health(&server)["service"]["restarts"], 4);
+}
+
+#[test]
+fn a_crash_in_the_new_librarys_constructor_or_init_keeps_the_old_generation_serving() {
+    let dir = TempDir::new("process-bad-deploy");
+    let library = deployed(&dir);
+    let server = Server::start(&library, &args(&[]));
+    let load = Load::start(&server, 2);
+    assert!(load.wait_for_progress(20, Duration::from_secs(10)), "load runs");
+    for (n, bad) in [constructor_crash(&dir), fault_variant("init-segfault")].iter().enumerate() {
+        replace_file(bad, &library);
+        server.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.count_logs("event=\"reload_failed\"") <= n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(server.count_logs("event=\"reload_failed\""), n + 1, "{}", server.logs());
+        assert!(load.wait_for_progress(20, Duration::from_secs(10)), "old generation keeps serving");
+    }
+    assert!(server.logs().contains("(SIGSEGV) while loading"), "{}", server.logs());
+    let (ok, failed) = load.finish();
+    println!("two crashing deploys: {ok} requests answered, {failed} failed");
+    assert_eq!(failed, 0);
+    let health = health(&server);
+    assert_eq!(health["generation"], 1);
+    assert_eq!(health["last_reload"]["outcome"], "failed");
+}
+
+#[test]
+fn a_generation_that_crashes_right_after_its_reload_is_rolled_back() {
+    let dir = TempDir::new("process-rollback");
+    let library = deployed(&dir);
+    let server = Server::start(&library, &args(&["--rollback-window", "60s"]));
+    replace_file(&fault_variant("serve-abort"), &library);
+    server.signal(libc::SIGHUP);
+    assert!(server.wait_for_log("event=\"generation_loaded\"", Duration::from_secs(20)), "{}", server.logs());
+    // Every `GET /` of generation 2 aborts its worker.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.count_logs("event=\"rolling_back\"") == 0 && Instant::now() < deadline {
+        let _ = get_within(server.addr, "/", Duration::from_secs(2));
+    }
+    assert!(server.count_logs("event=\"rolling_back\"") > 0, "{}", server.logs());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.count_logs("event=\"generation_loaded\"") < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(answers_within(&server, Duration::from_secs(5)).is_some(), "old code answers again");
+    let health = health(&server);
+    assert_eq!(health["generation"], 3, "{health}");
+    assert_eq!(health["service"]["rollbacks"], 1, "{health}");
+    assert!(server.logs().contains("rolling back to the library of generation 1, as generation 3"));
+}
+
+#[test]
+fn a_spinning_handler_is_killed_and_replaced_while_others_are_served() {
+    let server = Server::start(&sample_app(), &args(&["--workers", "1", "--worker-timeout", "2s"]));
+    let spinner = {
+        let addr = server.addr;
+        std::thread::spawn(move || get_within(addr, "/fault/spin?ms=600000", Duration::from_secs(30)))
+    };
+    let load = Load::start(&server, 2);
+    assert!(server.wait_for_log("event=\"worker_hung\"", Duration::from_secs(15)), "{}", server.logs());
+    assert!(load.wait_for_progress(20, Duration::from_secs(10)), "others were served");
+    let spun = spinner.join().expect("spinner thread");
+    assert!(!matches!(spun, Some(Ok(ref reply)) if reply.status == 200), "the spinning request cannot answer");
+    assert!(server.wait_for_log("signal 9 (SIGKILL)", Duration::from_secs(5)));
+    // Two workers at start, then the replacement of the one that spun.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.count_logs("event=\"worker_ready\"") < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(server.count_logs("event=\"worker_ready\"") >= 3, "no replacement:\n{}", server.logs());
+    let (ok, failed) = load.finish();
+    // Only requests on connections the spinning worker had accepted fail.
+    println!("spinning handler: {ok} other requests answered, {failed} failed (on the spinning worker's connections)");
+    assert!(failed <= 2, "{failed} requests failed");
+}
+
+#[test]
+fn a_hundred_reloads_under_load_lose_no_request() {
+    let server = Server::start(&sample_app(), &args(&["--workers", "1"]));
+    let load = Load::start(&server, 4);
+    assert!(load.wait_for_progress(50, Duration::from_secs(10)), "load runs");
+    // The storm itself is the behaviour under test: 100 SIGHUPs at 10/s.
+    for _ in 0..100 {
+        server.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let published = |server: &Server| server.count_logs("event=\"generation_loaded\"");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (published(&server), Instant::now());
+    while Instant::now() < deadline && last.1.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+        if published(&server) != last.0 {
+            last = (published(&server), Instant::now());
+        }
+    }
+    assert!(load.wait_for_progress(50, Duration::from_secs(10)), "still serving after the storm");
+    let (ok, failed) = load.finish();
+    let reloads = published(&server);
+    println!("100 SIGHUPs at 10/s: {reloads} generations published, {ok} requests answered, {failed} failed");
+    assert!(reloads >= 10, "{reloads} reloads published");
+    assert_eq!(server.count_logs("event=\"worker_crashed\""), 0, "{}", server.logs());
+    assert_eq!(failed, 0, "requests failed during the storm");
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_and_exits_0() {
+    let mut server = Server::start(&sample_app(), &args(&[]));
+    let addr = server.addr;
+    let slow = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(get(addr, "/sleep?ms=1500"))
+    });
+    // The request is in flight once the worker serving it counts it (each
+    // health answer comes from one worker: ask until that one answers).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&server)["in_flight"].as_u64().unwrap_or(0) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.signal(libc::SIGTERM);
+    let reply = slow.join().expect("client thread").expect("the request in flight completes");
+    assert_eq!(reply.status, 200);
+    let status = server.wait_exit(Duration::from_secs(15)).expect("the supervisor exits");
+    assert_eq!(status.code(), Some(0), "{}", server.logs());
+}
+
+#[test]
+fn no_worker_outlives_a_killed_supervisor() {
+    let mut server = Server::start(&sample_app(), &args(&[]));
+    let workers = worker_pids(&server);
+    assert_eq!(workers.len(), 2, "{}", server.logs());
+    server.signal(libc::SIGKILL);
+    let _ = server.wait_exit(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while workers.iter().any(|pid| alive(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<&u32> = workers.iter().filter(|pid| alive(**pid)).collect();
+    assert!(left.is_empty(), "workers {left:?} outlived the supervisor");
+}
+
+#[test]
+fn process_mode_start_up_errors_name_the_problem() {
+    let dir = TempDir::new("process-start");
+    let crash = constructor_crash(&dir);
+    let Err((status, logs)) = Server::try_start(&crash, &args(&[])) else { panic!("started with a crashing library") };
+    assert_eq!(status.and_then(|s| s.code()), Some(3), "{logs}");
+    assert!(logs.contains("cannot start the workers") && logs.contains("SIGSEGV"), "{logs}");
+    let Err((status, logs)) = Server::try_start(Path::new("/nonexistent/libapp.so"), &args(&[])) else {
+        panic!("started without a library")
+    };
+    assert_eq!(status.and_then(|s| s.code()), Some(3), "{logs}");
+    assert!(logs.contains("no such file"), "{logs}");
+}
+
+/// The pids of the workers serving, from their `worker_ready` events.
+fn worker_pids(server: &Server) -> Vec<u32> {
+    server
+        .logs()
+        .lines()
+        .filter(|line| line.contains("event=\"worker_ready\""))
+        .filter_map(|line| line.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Whether `pid` runs (a zombie waiting for its reaper does not).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
+}
