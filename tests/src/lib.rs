@@ -15,19 +15,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use pounce_devkit::{ready_address, target_dir, workspace};
 use tokio::net::TcpStream;
 
-/// The workspace root.
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
-}
-
 fn cargo_build(packages: &[&str], target: &Path, greeting: Option<&str>) {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    let mut command = pounce_devkit::cargo();
     command.arg("build").arg("--quiet").current_dir(workspace()).env("CARGO_TARGET_DIR", target);
     for package in packages {
         command.args(["-p", package]);
@@ -141,7 +133,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Server {
     /// Starts `pounce-host serve --port 0 <library> <args>` and waits until
-    /// it listens.
+    /// it listens (its `server_ready` event, which gives the address).
     pub fn start(library: &Path, args: &[&str]) -> Server {
         Self::try_start(library, args)
             .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
@@ -191,7 +183,7 @@ impl Server {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let text = logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
-            if let Some(addr) = listening_addr(&text) {
+            if let Some(addr) = text.lines().find_map(ready_address) {
                 return Ok(Server { child, addr, logs });
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -280,13 +272,6 @@ impl Drop for Server {
 /// The `(flag, value)` defaults whose flag `args` does not give.
 fn defaults_not_in<'a>(args: &[&str], defaults: &[(&'a str, &'a str)]) -> Vec<&'a str> {
     defaults.iter().filter(|(flag, _)| !args.contains(flag)).flat_map(|(flag, value)| [*flag, *value]).collect()
-}
-
-/// The first `listening on http://ADDR` in a log.
-pub fn listening_addr(logs: &str) -> Option<SocketAddr> {
-    let start = logs.find("listening on http://")? + "listening on http://".len();
-    let is_addr_char = |c: char| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']');
-    logs[start..].split(|c: char| !is_addr_char(c)).next()?.parse().ok()
 }
 
 /// What a test sees of a response.

@@ -16,7 +16,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use pounce_tests::{get, host_binary, run_host, run_to_end, sample_app, workspace, Server};
+use pounce_devkit::workspace;
+use pounce_tests::{get, host_binary, run_host, run_to_end, sample_app, Server};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------

@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pounce_tests::{get, host_binary, listening_addr, variants_target_dir, workspace, xtask_binary, TempDir};
+use pounce_devkit::{ready_address, workspace};
+use pounce_tests::{get, host_binary, variants_target_dir, xtask_binary, TempDir};
 
 /// Writes a standalone copy of the sample app (its own workspace) into `dir`,
 /// with the same profile as this workspace so compiled dependencies are
@@ -139,8 +140,8 @@ async fn edits_are_served_and_compile_errors_keep_the_last_good_build() {
     let dir = TempDir::new("dev");
     copy_sample_app(dir.path(), "Hello from the dev copy");
     let mut dev = Dev::start(dir.path());
-    dev.wait_for("listening on http://", Duration::from_secs(600));
-    let addr = listening_addr(&dev.output()).expect("address in the host log");
+    dev.wait_for(r#"event="server_ready""#, Duration::from_secs(600));
+    let addr = dev.output().lines().find_map(ready_address).expect("address in the host log");
     version_becomes(addr, "Hello from the dev copy (generation 1)\n", &dev).await;
 
     set_greeting(dir.path(), "Edited greeting", "");
