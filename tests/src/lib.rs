@@ -2,32 +2,29 @@
 //! sample app, start `pounce-host serve` on a free loopback port, talk HTTP
 //! to it with hyper's client, send it signals, and read its log.
 //!
-//! Every wait here is bounded: a test that hangs is a failing test.
+//! Every wait here is bounded: a test that hangs is a failing test. Tests
+//! wait for what they need (a log event, a health field), not for a fixed
+//! time.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use pounce_devkit::{ready_address, target_dir, workspace};
 use tokio::net::TcpStream;
 
-/// The workspace root.
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
-}
+mod log;
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
-}
+pub use log::Log;
 
 fn cargo_build(packages: &[&str], target: &Path, greeting: Option<&str>) {
-    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    let mut command = pounce_devkit::cargo();
     command.arg("build").arg("--quiet").current_dir(workspace()).env("CARGO_TARGET_DIR", target);
     for package in packages {
         command.args(["-p", package]);
@@ -133,15 +130,24 @@ pub fn replace_file(source: &Path, dest: &Path) {
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
+    log: Log,
+    /// The health endpoint's path, as `--health-path` set it.
+    health_path: String,
 }
 
 /// How long a server may take to start (it builds nothing; debug binary).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How far apart a server's exit and the end of its stderr may come (it has
+/// no children holding the pipe, so they come together).
+const PIPE_CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long a health field may take to show what a test waits for.
+const HEALTH_WAIT: Duration = Duration::from_secs(10);
+/// How often the health endpoint is asked while waiting.
+const HEALTH_POLL: Duration = Duration::from_millis(20);
 
 impl Server {
     /// Starts `pounce-host serve --port 0 <library> <args>` and waits until
-    /// it listens.
+    /// it listens (its `server_ready` event, which gives the address).
     pub fn start(library: &Path, args: &[&str]) -> Server {
         Self::try_start(library, args)
             .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
@@ -180,31 +186,20 @@ impl Server {
         }
         command.envs(env.iter().copied());
         let mut child = command.spawn().expect("start pounce-host");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("stderr piped");
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let text = logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
-            if let Some(addr) = listening_addr(&text) {
-                return Ok(Server { child, addr, logs });
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100)); // let the reader drain stderr
-                let text = logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
-                return Err((Some(status), text));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err((None, text));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let log = Log::default();
+        log.collect(child.stderr.take().expect("stderr piped"));
+        if let Some(addr) = wait_for_ready(&log, START_TIMEOUT) {
+            let health_path = flag_value(args, "--health-path").unwrap_or("/health").to_owned();
+            return Ok(Server { child, addr, log, health_path });
         }
+        // No address: it is exiting (its stderr closed), or it never got ready.
+        let exiting = log.wait_for_end(Duration::ZERO);
+        let status = if exiting { wait_for_exit(&mut child, PIPE_CLOSE_WAIT) } else { None };
+        if status.is_none() {
+            let _ = child.kill();
+        }
+        let _ = child.wait(); // reaps it (at once: it has exited or been killed)
+        Err((status, log.text()))
     }
 
     pub fn pid(&self) -> i32 {
@@ -224,36 +219,65 @@ impl Server {
 
     /// Everything the server logged so far.
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+        self.log.text()
     }
 
     /// How many log lines contain `needle`.
     pub fn count_logs(&self, needle: &str) -> usize {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|l| l.contains(needle)).count()
+        self.log.count(needle)
     }
 
     /// Waits until the log contains `needle`, at most `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.count_logs(needle) > 0 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        self.wait_for_log_count(needle, 1, timeout)
     }
 
-    /// Waits for the process to exit, at most `timeout`.
+    /// Waits until at least `times` log lines contain `needle`, at most
+    /// `timeout`.
+    pub fn wait_for_log_count(&self, needle: &str, times: usize, timeout: Duration) -> bool {
+        self.log.wait_for_count(needle, times, timeout)
+    }
+
+    /// Waits for the process to exit, at most `timeout`, and then for the
+    /// rest of its log, so that [`Server::logs`] is complete.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
+        let status = wait_for_exit(&mut self.child, timeout)?;
+        assert!(self.log.wait_for_end(PIPE_CLOSE_WAIT), "stderr still open after the exit:\n{}", self.logs());
+        Some(status)
+    }
+
+    /// The health endpoint's JSON.
+    pub async fn health(&self) -> serde_json::Value {
+        get(self.addr, &self.health_path).await.expect("GET the health endpoint").json()
+    }
+
+    /// Asks the health endpoint until its JSON satisfies `ready` and returns
+    /// that reply; panics, naming `what`, if it does not within 10 s.
+    pub async fn wait_for_health(&self, what: &str, ready: impl Fn(&serde_json::Value) -> bool) -> Reply {
+        let deadline = Instant::now() + HEALTH_WAIT;
+        loop {
+            match get(self.addr, &self.health_path).await {
+                Ok(reply) if serde_json::from_slice(&reply.body).is_ok_and(|json| ready(&json)) => return reply,
+                last => assert!(
+                    Instant::now() < deadline,
+                    "health did not show {what} within {HEALTH_WAIT:?}; last answer {last:?}; log:\n{}",
+                    self.logs()
+                ),
             }
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(HEALTH_POLL).await;
         }
-        None
+    }
+
+    /// Waits until the server is handling `count` requests: those a test
+    /// started have reached the app, not merely been sent.
+    pub async fn wait_for_in_flight(&self, count: u64) {
+        self.wait_for_health(&format!("{count} requests in flight"), |json| json["in_flight"] == count).await;
+    }
+
+    /// Waits until the server says it is draining (a shutdown has begun) and
+    /// returns that health reply.
+    pub async fn wait_until_draining(&self) -> Reply {
+        self.wait_for_health("status draining", |json| json["status"] == "draining").await
     }
 
     /// Copies of the app library the server has mapped, counted from
@@ -282,11 +306,33 @@ fn defaults_not_in<'a>(args: &[&str], defaults: &[(&'a str, &'a str)]) -> Vec<&'
     defaults.iter().filter(|(flag, _)| !args.contains(flag)).flat_map(|(flag, value)| [*flag, *value]).collect()
 }
 
-/// The first `listening on http://ADDR` in a log.
-pub fn listening_addr(logs: &str) -> Option<SocketAddr> {
-    let start = logs.find("listening on http://")? + "listening on http://".len();
-    let is_addr_char = |c: char| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']');
-    logs[start..].split(|c: char| !is_addr_char(c)).next()?.parse().ok()
+/// Waits for a pounce-host's `server_ready` event in `log`, at most
+/// `timeout`, and returns the address it gives.
+pub fn wait_for_ready(log: &Log, timeout: Duration) -> Option<SocketAddr> {
+    log.wait_for(timeout, |lines| lines.iter().find_map(|line| ready_address(line)))
+}
+
+/// The value `args` give `flag`, as `flag value` or `flag=value`.
+fn flag_value<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(at, arg)| match arg.strip_prefix(flag)? {
+        "" => args.get(at + 1).copied(),
+        rest => rest.strip_prefix('='),
+    })
+}
+
+/// Waits for `child` to exit, at most `timeout`. std cannot wait with a
+/// timeout, so this polls.
+pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// What a test sees of a response.
@@ -304,6 +350,11 @@ impl Reply {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The body as JSON; panics, showing the body, if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 }
 
@@ -390,13 +441,9 @@ pub fn run_host(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
 pub fn run_to_end(mut command: Command, timeout: Duration) -> (ExitStatus, String) {
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().unwrap_or_else(|e| panic!("start {command:?}: {e}"));
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().expect("wait for the child").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{command:?} did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if wait_for_exit(&mut child, timeout).is_none() {
+        let _ = child.kill();
+        panic!("{command:?} did not exit within {timeout:?}");
     }
     let output = child.wait_with_output().expect("collect output");
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();

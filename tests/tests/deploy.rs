@@ -16,7 +16,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use pounce_tests::{get, host_binary, run_host, run_to_end, sample_app, workspace, Server};
+use pounce_devkit::workspace;
+use pounce_tests::{get, host_binary, run_host, run_to_end, sample_app, Server};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -633,9 +634,9 @@ async fn the_docker_healthcheck_follows_the_server_state() {
 
     let addr = server.addr;
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=2000").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_for_in_flight(1).await;
     server.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_until_draining().await;
     let (status, output) = run_bounded(&argv, &env, Duration::from_secs(10));
     assert!(!status.success(), "unhealthy while draining: {output}");
 
@@ -913,9 +914,9 @@ async fn the_kubernetes_settings_work_with_the_real_host() {
 
     let addr = server.addr;
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1500").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_for_in_flight(1).await;
     server.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.wait_until_draining().await;
     let draining = get(addr, &path).await.expect("readiness while draining");
     assert_eq!(draining.status, 503, "not ready once terminating: {}", draining.text());
 

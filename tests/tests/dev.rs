@@ -1,13 +1,16 @@
 //! `cargo xtask dev` on a temporary copy of the sample app: edits are served,
 //! a compile error keeps the last good build serving, Ctrl-C stops cleanly.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use pounce_tests::{get, host_binary, listening_addr, variants_target_dir, workspace, xtask_binary, TempDir};
+use pounce_devkit::workspace;
+use pounce_tests::{get, host_binary, variants_target_dir, wait_for_exit, wait_for_ready, xtask_binary, Log, TempDir};
+
+/// How long xtask dev may take to stop after Ctrl-C: the host's graceful
+/// shutdown (nothing in flight) and its own exit.
+const STOP_WAIT: Duration = Duration::from_secs(20);
 
 /// Writes a standalone copy of the sample app (its own workspace) into `dir`,
 /// with the same profile as this workspace so compiled dependencies are
@@ -49,10 +52,11 @@ fn set_greeting(dir: &Path, greeting: &str, extra: &str) {
     std::fs::write(dir.join("src/lib.rs"), format!("{source}\n{extra}")).unwrap();
 }
 
+/// A running `cargo xtask dev`.
 struct Dev {
     child: Child,
-    output: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
+    /// What it prints, the host's log included (it passes that on).
+    log: Log,
 }
 
 impl Dev {
@@ -70,53 +74,36 @@ impl Dev {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start xtask dev");
-        let output = Arc::new(Mutex::new(String::new()));
-        let mut readers = Vec::new();
-        for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let sink = output.clone();
-            readers.push(std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let mut text = sink.lock().unwrap_or_else(|p| p.into_inner());
-                    text.push_str(&line);
-                    text.push('\n');
-                }
-            }));
-        }
-        Dev { child, output, readers }
-    }
-
-    /// Waits until everything the processes wrote has been read (after exit).
-    fn drain_output(&mut self) {
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
+        let log = Log::default();
+        log.collect(child.stdout.take().expect("stdout piped"));
+        log.collect(child.stderr.take().expect("stderr piped"));
+        Dev { child, log }
     }
 
     fn output(&self) -> String {
-        self.output.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.log.text()
     }
 
     fn wait_for(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.output().contains(needle) {
-            assert!(Instant::now() < deadline, "no {needle:?} within {timeout:?}:\n{}", self.output());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(self.log.wait_for_count(needle, 1, timeout), "no {needle:?} within {timeout:?}:\n{}", self.output());
+    }
+
+    /// Presses Ctrl-C, as a developer stops it, and waits at most
+    /// [`STOP_WAIT`] for it to exit.
+    fn interrupt(&mut self) -> Option<ExitStatus> {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        wait_for_exit(&mut self.child, STOP_WAIT)
     }
 }
 
 impl Drop for Dev {
+    /// After a failed test: Ctrl-C, so that xtask dev stops its host too
+    /// (the host is in its own process group); a kill only if it hangs.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
-            std::thread::sleep(Duration::from_secs(2));
-            let _ = self.child.kill();
+            if self.interrupt().is_none() {
+                let _ = self.child.kill();
+            }
         }
     }
 }
@@ -139,8 +126,8 @@ async fn edits_are_served_and_compile_errors_keep_the_last_good_build() {
     let dir = TempDir::new("dev");
     copy_sample_app(dir.path(), "Hello from the dev copy");
     let mut dev = Dev::start(dir.path());
-    dev.wait_for("listening on http://", Duration::from_secs(600));
-    let addr = listening_addr(&dev.output()).expect("address in the host log");
+    let addr = wait_for_ready(&dev.log, Duration::from_secs(600))
+        .unwrap_or_else(|| panic!("the host did not report server_ready:\n{}", dev.output()));
     version_becomes(addr, "Hello from the dev copy (generation 1)\n", &dev).await;
 
     set_greeting(dir.path(), "Edited greeting", "");
@@ -155,16 +142,8 @@ async fn edits_are_served_and_compile_errors_keep_the_last_good_build() {
     set_greeting(dir.path(), "Fixed greeting", "");
     version_becomes(addr, "Fixed greeting (generation 3)\n", &dev).await;
 
-    let _ = Command::new("kill").args(["-INT", &dev.child.id().to_string()]).status();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = dev.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "xtask dev did not stop:\n{}", dev.output());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    dev.drain_output();
+    let status = dev.interrupt().unwrap_or_else(|| panic!("xtask dev did not stop:\n{}", dev.output()));
+    assert!(dev.log.wait_for_end(Duration::from_secs(5)), "its output is still open:\n{}", dev.output());
     assert_eq!(status.code(), Some(0), "{}", dev.output());
     assert!(dev.output().contains("shutdown complete"), "the host shut down gracefully:\n{}", dev.output());
     assert!(get(addr, "/").await.is_err(), "nothing listens any more");

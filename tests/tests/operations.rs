@@ -133,8 +133,8 @@ async fn json_logs_parse_line_by_line_with_access_log_and_events() {
     server.signal(libc::SIGHUP);
     assert!(server.wait_for_log("generation_retired", Duration::from_secs(20)), "{}", server.logs());
     server.signal(libc::SIGTERM);
+    // The whole log: `wait_exit` also waits for the end of its stderr.
     assert_eq!(server.wait_exit(Duration::from_secs(15)).and_then(|s| s.code()), Some(0));
-    std::thread::sleep(Duration::from_millis(100));
 
     let lines: Vec<serde_json::Value> = server
         .logs()

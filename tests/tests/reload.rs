@@ -3,6 +3,7 @@
 //! generations are released.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pounce_tests::{get, replace_file, sample_app, sample_variant, Client, Server, TempDir};
@@ -24,10 +25,6 @@ fn reload(server: &Server, signal: i32, generation: u64) {
     assert!(server.wait_for_log(&published, Duration::from_secs(30)), "no {published:?}:\n{}", server.logs());
 }
 
-async fn health(server: &Server) -> serde_json::Value {
-    serde_json::from_slice(&get(server.addr, "/health").await.expect("GET /health").body).expect("health JSON")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_and_sigusr1_serve_new_code() {
     let dir = TempDir::new("new-code");
@@ -42,7 +39,7 @@ async fn sighup_and_sigusr1_serve_new_code() {
     replace_file(&sample_variant("Greeting A"), &library);
     reload(&server, libc::SIGUSR1, 3);
     assert_eq!(version(&server).await, "Greeting A (generation 3)\n");
-    let json = health(&server).await;
+    let json = server.health().await;
     assert_eq!(json["generation"], 3);
     assert_eq!(json["last_reload"]["outcome"], "ok");
 }
@@ -58,14 +55,14 @@ async fn work_in_flight_finishes_on_the_old_generation() {
 
     let sleeper = tokio::spawn(async move { get(addr, "/sleep?ms=2000").await });
     let streamer = tokio::spawn(async move { get(addr, "/stream?chunks=5&interval_ms=300").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_for_in_flight(2).await;
 
     replace_file(&sample_variant("Greeting B"), &library);
     reload(&server, libc::SIGHUP, 2);
     assert_eq!(version(&server).await, "Greeting B (generation 2)\n");
     // A keep-alive connection opened before the swap gets the new code too.
     assert_eq!(early.get("/version").await.unwrap().text(), "Greeting B (generation 2)\n");
-    assert_eq!(health(&server).await["draining_generations"], 1);
+    assert_eq!(server.health().await["draining_generations"], 1);
 
     let slept = sleeper.await.unwrap().unwrap();
     assert_eq!((slept.status, slept.text()), (200, "slept 2000 ms (generation 1)\n".to_owned()));
@@ -97,14 +94,12 @@ async fn a_bad_library_keeps_the_old_generation_serving() {
             None => std::fs::remove_file(&library).unwrap(),
         }
         server.signal(libc::SIGHUP);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while server.count_logs("reload failed") <= n && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(server.count_logs("reload failed"), n + 1, "{what}: failure logged:\n{}", server.logs());
+        let failed = r#"event="reload_failed""#;
+        server.wait_for_log_count(failed, n + 1, Duration::from_secs(20));
+        assert_eq!(server.count_logs(failed), n + 1, "{what}: failure logged:\n{}", server.logs());
         assert!(server.logs().contains("generation 1 keeps serving"), "{what}");
         assert_eq!(version(&server).await, "Greeting A (generation 1)\n", "{what}: still serving the old code");
-        let json = health(&server).await;
+        let json = server.health().await;
         assert_eq!(json["last_reload"]["outcome"], "failed", "{what}");
         assert!(json["last_reload"]["error"].as_str().unwrap_or("").contains("libapp.so"), "{what}: {json}");
     }
@@ -119,7 +114,7 @@ async fn reload_timeout_cuts_what_is_still_running() {
     let addr = server.addr;
     let started = Instant::now();
     let long = tokio::spawn(async move { get(addr, "/sleep?ms=10000").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_for_in_flight(1).await;
     reload(&server, libc::SIGHUP, 2);
     let reply = long.await.unwrap().unwrap();
     let took = started.elapsed();
@@ -136,13 +131,19 @@ async fn reload_storm_under_load_loses_nothing() {
     let server = Server::start(&sample_app(), &[]);
     let addr = server.addr;
     let stop_at = Instant::now() + Duration::from_secs(7);
+    // The storm starts once every client has had its first answer.
+    let loaded = Arc::new(tokio::sync::Barrier::new(5));
     let mut clients = Vec::new();
     for n in 0..4 {
+        let loaded = loaded.clone();
         clients.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u64, Vec::new());
             let mut client = Client::connect(addr).await.map_err(|e| vec![e])?;
             // Bounded in count and time.
             for i in 0..200_000u64 {
+                if i == 1 {
+                    loaded.wait().await;
+                }
                 if Instant::now() > stop_at {
                     break;
                 }
@@ -161,7 +162,8 @@ async fn reload_storm_under_load_loses_nothing() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(Duration::from_secs(10), loaded.wait()).await.expect("every client got an answer");
+    // A storm of 10 SIGHUPs a second under load: the pace is what is tested.
     for _ in 0..50 {
         server.signal(libc::SIGHUP);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -178,7 +180,7 @@ async fn reload_storm_under_load_loses_nothing() {
     // for the drains to end, then exactly one generation is left.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let json = health(&server).await;
+        let json = server.health().await;
         let settled = json["draining_generations"] == 0 && server.mapped_app_copies() == 1;
         if settled {
             assert!(json["generation"].as_u64().unwrap() > 1, "{json}");
@@ -202,10 +204,9 @@ async fn two_hundred_reloads_leave_one_copy_mapped() {
         // Touch the new generation, so its code really runs on host threads.
         assert_eq!(get(server.addr, "/").await.unwrap().status, 200);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.mapped_app_copies() > 1 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Each old generation logs this once its library is unmapped.
+    let unmapped = "generation released, library unmapped";
+    server.wait_for_log_count(unmapped, 200, Duration::from_secs(20));
+    assert_eq!(server.count_logs(unmapped), 200, "every old generation was unmapped:\n{}", server.logs());
     assert_eq!(server.mapped_app_copies(), 1, "copies still mapped after 200 reloads");
-    assert_eq!(server.count_logs("library unmapped"), 200, "every old generation was unmapped");
 }

@@ -104,10 +104,9 @@ async fn a_slow_request_does_not_delay_fast_ones() {
         let reply = get(addr, "/sleep?ms=1000").await.unwrap();
         (reply.status, started.elapsed())
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
     // Several slow requests in flight at once must not hold fast ones either.
     let more_slow: Vec<_> = (0..4).map(|_| tokio::spawn(async move { get(addr, "/sleep?ms=1000").await })).collect();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.wait_for_in_flight(5).await;
     let started = Instant::now();
     for _ in 0..20 {
         assert_eq!(get(addr, "/").await.unwrap().status, 200);
@@ -153,10 +152,11 @@ async fn health_counts_requests_in_flight() {
     let server = Server::start(&sample_app(), &[]);
     let addr = server.addr;
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=800").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let json: serde_json::Value = serde_json::from_slice(&get(addr, "/health").await.unwrap().body).unwrap();
-    assert_eq!(json["in_flight"], 1);
+    server.wait_for_in_flight(1).await;
     assert_eq!(slow.await.unwrap().unwrap().status, 200);
+    // Counted out once its response has ended (which the server may notice
+    // just after the client has read it).
+    server.wait_for_in_flight(0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

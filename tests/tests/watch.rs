@@ -13,7 +13,9 @@ fn served(dir: &TempDir, greeting: &str) -> PathBuf {
 }
 
 /// Writes `source` over `dest` the way a linker does: remove the old file,
-/// create a new one, write it in pieces, with a pause in the middle.
+/// create a new one, write it in pieces, with a pause in the middle. The
+/// pause is what is tested (the watcher must not load the half file), so it
+/// is a real sleep.
 fn write_like_a_linker(source: &Path, dest: &Path, pause: Duration) {
     let bytes = std::fs::read(source).unwrap();
     let _ = std::fs::remove_file(dest);
@@ -46,14 +48,20 @@ async fn wait_for_version(server: &Server, expected: &str) -> Duration {
 async fn a_replaced_library_is_served_with_one_reload_per_replacement() {
     let dir = TempDir::new("watch-replace");
     let library = served(&dir, "Greeting A");
-    let server = Server::start(&library, &["--reload"]);
+    let marks = dir.join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let server = Server::start(&library, &["--reload", "--reload-dir", marks.to_str().unwrap()]);
     assert!(server.wait_for_log("--reload: watching", Duration::from_secs(5)));
     for (generation, greeting) in [(2, "Greeting B"), (3, "Greeting A")] {
         write_like_a_linker(&sample_variant(greeting), &library, Duration::from_millis(30));
         wait_for_version(&server, &format!("{greeting} (generation {generation})\n")).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(server.count_logs("reload started"), 2, "one reload per replacement:\n{}", server.logs());
+    // The watcher decides on its events in order, logging each decision to
+    // reload: once it has decided on a later change, it has decided on every
+    // event the replacements caused.
+    std::fs::write(marks.join("done"), "").unwrap();
+    assert!(server.wait_for_log("done changed; reloading", Duration::from_secs(10)), "{}", server.logs());
+    assert_eq!(server.count_logs("libapp.so changed; reloading"), 2, "one reload per replacement:\n{}", server.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,17 +89,28 @@ async fn editor_files_hidden_dirs_and_other_extensions_trigger_nothing() {
     let library = served(&dir, "Greeting A");
     let templates = dir.join("templates");
     std::fs::create_dir_all(templates.join(".hidden")).unwrap();
-    let server = Server::start(
-        &library,
-        &["--reload", "--reload-dir", templates.to_str().unwrap(), "--reload-include", ".html,.css"],
-    );
+    // The watcher's debug log says when it decides not to reload.
+    let args = [
+        "--reload",
+        "--reload-dir",
+        templates.to_str().unwrap(),
+        "--reload-include",
+        ".html,.css",
+        "--log-level",
+        "info,pounce_host::watch=debug",
+    ];
+    let server = Server::start(&library, &args);
     assert!(server.wait_for_log("--reload: watching", Duration::from_secs(5)));
     for name in [".index.html.swp", "index.html~", "#index.html#", ".#index.html", "notes.txt", ".hidden/page.html"] {
         std::fs::write(templates.join(name), "x").unwrap();
     }
     // Rewriting the library with the same content is not a change either.
     replace_file(&sample_variant("Greeting A"), &library);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Decided last, in the order of the events; the files above were decided
+    // on before it, or together with it (and then it would reload).
+    let unchanged = "rewritten with the same content; not reloading";
+    assert!(server.wait_for_log(unchanged, Duration::from_secs(10)), "{}", server.logs());
+    assert_eq!(server.count_logs("changed; reloading"), 0, "nothing should have triggered:\n{}", server.logs());
     assert_eq!(server.count_logs("reload started"), 0, "nothing should have triggered:\n{}", server.logs());
 
     std::fs::write(templates.join("index.html"), "<h1>hi</h1>").unwrap();

@@ -20,6 +20,7 @@
 //!   it gets a SIGINT and is killed if it has not exited within 15 s.
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use notify::{RecursiveMode, Watcher as _};
-use pounce_host::watch::is_editor_temp;
+use pounce_devkit::{cargo, is_editor_temp, ready_address, target_dir, workspace};
 
 const USAGE: &str =
     "usage: cargo xtask dev [--package NAME | --manifest-path PATH] [--host-binary PATH] [-- SERVE OPTIONS]
@@ -102,19 +103,11 @@ struct App {
     library: PathBuf,
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
 impl App {
     /// Finds the package and where its library will be built, with
     /// `cargo metadata`.
     fn locate(options: &Options) -> anyhow::Result<App> {
-        let manifest = options.manifest_path.clone().unwrap_or_else(|| workspace_root().join("Cargo.toml"));
+        let manifest = options.manifest_path.clone().unwrap_or_else(|| workspace().join("Cargo.toml"));
         let output = cargo()
             .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
             .arg(&manifest)
@@ -163,7 +156,7 @@ enum Message {
 }
 
 enum HostEvent {
-    Listening(String),
+    Listening(SocketAddr),
     Published(u64),
     ReloadFailed(String),
 }
@@ -240,13 +233,11 @@ fn say(line: &str) {
 }
 
 fn build_host() -> anyhow::Result<PathBuf> {
-    let root = workspace_root();
-    let status = cargo().args(["build", "--quiet", "-p", "pounce-host"]).current_dir(&root).status()?;
+    let status = cargo().args(["build", "--quiet", "-p", "pounce-host"]).current_dir(workspace()).status()?;
     if !status.success() {
         bail!("building pounce-host failed");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    Ok(target.join("debug/pounce-host"))
+    Ok(target_dir().join("debug/pounce-host"))
 }
 
 /// Runs `cargo build` for package `name`; returns success and the compiler
@@ -286,10 +277,8 @@ fn start_host(binary: &Path, app: &App, serve: &[String], tx: Sender<Message>) -
 
 /// Reads the host's log lines the developer cares about.
 fn host_event(line: &str) -> Option<HostEvent> {
-    if let Some(rest) = line.split("listening on ").nth(1) {
-        return Some(HostEvent::Listening(
-            rest.split_whitespace().next().unwrap_or(rest).trim_end_matches('"').to_owned(),
-        ));
+    if let Some(address) = ready_address(line) {
+        return Some(HostEvent::Listening(address));
     }
     if let Some(rest) = line.split("generation ").nth(1).filter(|_| line.contains(" published")) {
         return rest.split_whitespace().next()?.parse().ok().map(HostEvent::Published);
@@ -400,7 +389,7 @@ impl<'a> Session<'a> {
             }
             Message::Built { ok, output, took } => self.built(ok, &output, took, host),
             Message::Host(HostEvent::Listening(address)) => {
-                say(&format!("serving {} on {address} (pid {})", self.app.library.display(), host.id()));
+                say(&format!("serving {} on http://{address} (pid {})", self.app.library.display(), host.id()));
             }
             Message::Host(HostEvent::Published(generation)) => {
                 self.generation = generation;
@@ -493,9 +482,11 @@ mod tests {
 
     #[test]
     fn host_log_lines_become_events() {
-        let listening =
-            "2026-01-01T00:00:00Z  INFO pounce_host::events: listening on http://127.0.0.1:8000 event=\"server_ready\"";
-        assert!(matches!(host_event(listening), Some(HostEvent::Listening(a)) if a == "http://127.0.0.1:8000"));
+        let listening = "2026-01-01T00:00:00Z  INFO pounce_host::events: listening on http://127.0.0.1:8000 \
+                         event=\"server_ready\" address=127.0.0.1:8000 generation=1";
+        assert!(
+            matches!(host_event(listening), Some(HostEvent::Listening(a)) if a == "127.0.0.1:8000".parse::<SocketAddr>().unwrap())
+        );
         let published =
             "INFO pounce_host::events: generation 7 published; generation 6 drains event=\"generation_loaded\"";
         assert!(matches!(host_event(published), Some(HostEvent::Published(7))));

@@ -6,8 +6,10 @@
 //! threads (default 1, as the benchmark runs pounce-host).
 //!
 //! Usage: `pounce-baseline [--host ADDR] [--port PORT] [--workers N]`; port 0
-//! picks a free one. It prints `listening on http://ADDR:PORT` on stderr,
-//! like pounce-host, and runs until it is killed.
+//! picks a free one. It reports the bound address on stderr as pounce-host
+//! does, in a text-log `server_ready` line (`event="server_ready"
+//! address=ADDR:PORT`) that the benchmark reads for both servers, and runs
+//! until it is killed.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -85,7 +87,8 @@ async fn serve(address: SocketAddr) -> std::io::Result<()> {
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
     let listener = socket.listen(BACKLOG)?;
-    eprintln!("listening on http://{}", listener.local_addr()?);
+    let bound = listener.local_addr()?;
+    eprintln!("listening on http://{bound} event=\"server_ready\" address={bound}");
     let http = auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, _) = match listener.accept().await {

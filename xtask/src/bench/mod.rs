@@ -102,7 +102,7 @@ impl Settings {
             memory_checkpoints: vec![100, 1000],
             retries: 2,
             criterion: criterion::Mode::Measure { warm_up: 1.0, measurement: 3.0 },
-            out: Some(procs::workspace().join("bench/results/latest.md")),
+            out: Some(pounce_devkit::workspace().join("bench/results/latest.md")),
             command: "cargo xtask bench".to_owned(),
         }
     }
@@ -197,7 +197,7 @@ fn exec_release(args: &[String]) -> Result<()> {
     if !status.success() {
         bail!("cargo build --release -p xtask failed ({status})");
     }
-    let release = procs::target_dir().join("release/xtask");
+    let release = pounce_devkit::target_dir().join("release/xtask");
     let error = std::process::Command::new(&release).arg("bench").args(args).env(RELEASE_MARK, "1").exec();
     Err(error).with_context(|| format!("cannot run {}", release.display()))
 }

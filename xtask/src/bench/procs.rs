@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use pounce_devkit::{ready_address, target_dir, workspace};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -493,20 +494,11 @@ pub struct Binaries {
     pub profile: &'static str,
 }
 
-/// The workspace root (xtask's parent directory).
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
-}
-
+/// Cargo in the workspace. The sample app must be the default build,
+/// whatever the shell has set.
 pub fn cargo() -> Command {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.current_dir(workspace());
-    // The sample app must be the default build, whatever the shell has set.
-    command.env_remove("SAMPLE_GREETING");
+    let mut command = pounce_devkit::cargo();
+    command.current_dir(workspace()).env_remove("SAMPLE_GREETING");
     command
 }
 
@@ -537,7 +529,7 @@ pub fn build(release: bool) -> Result<Binaries> {
     Ok(binaries)
 }
 
-/// How long a server may take to print its `listening on` line.
+/// How long a server may take to report `server_ready`.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running server under test.
@@ -547,8 +539,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server on the server CPU and waits for its
-    /// `listening on http://ADDR` line.
+    /// Starts the server on the server CPU and waits for its `server_ready`
+    /// line, which gives the address (both servers log one).
     pub fn start(kind: Kind, binaries: &Binaries, pinning: &Pinning) -> Result<Server> {
         let mut command = match kind {
             Kind::Pounce => {
@@ -568,7 +560,7 @@ impl Server {
             }
         }
         let mut proc = Proc::spawn(kind.label(), command)?;
-        let found = proc.stderr.wait_for(0, START_TIMEOUT, listening_addr);
+        let found = proc.stderr.wait_for(0, START_TIMEOUT, ready_address);
         match found {
             Some((addr, _)) => Ok(Server { addr, proc }),
             None => {
@@ -593,25 +585,9 @@ impl Server {
     }
 }
 
-/// The address in a `listening on http://ADDR` log line.
-pub fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on http://")? + "listening on http://".len()..];
-    let end = rest.find(|c: char| c.is_whitespace() || c == '/').unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_the_listening_address_in_both_log_styles() {
-        let host = "2026-11-24T23:39:16.779623Z  INFO pounce_host::run: listening on http://127.0.0.1:45675 generation=1 app=sample-app";
-        assert_eq!(listening_addr(host), Some("127.0.0.1:45675".parse().unwrap()));
-        assert_eq!(listening_addr("listening on http://127.0.0.1:8000"), Some("127.0.0.1:8000".parse().unwrap()));
-        assert_eq!(listening_addr("listening on http://[::1]:8000/"), Some("[::1]:8000".parse().unwrap()));
-        assert_eq!(listening_addr("something else"), None);
-    }
 
     #[test]
     fn reads_cpu_accounting() {

@@ -56,7 +56,7 @@ impl Machine {
 
 fn output_of(command: &mut Command) -> String {
     command
-        .current_dir(super::procs::workspace())
+        .current_dir(pounce_devkit::workspace())
         .output()
         .ok()
         .filter(|output| output.status.success())
