@@ -23,16 +23,22 @@ mod log;
 
 pub use log::Log;
 
-fn cargo_build(packages: &[&str], target: &Path, greeting: Option<&str>) {
+/// The build-time settings of the sample app (`SAMPLE_GREETING`,
+/// `SAMPLE_FAULT`): a build sets at most one, never inherits them.
+const SAMPLE_SETTINGS: [&str; 2] = ["SAMPLE_GREETING", "SAMPLE_FAULT"];
+
+fn cargo_build(packages: &[&str], target: &Path, setting: Option<(&str, &str)>) {
     let mut command = pounce_devkit::cargo();
     command.arg("build").arg("--quiet").current_dir(workspace()).env("CARGO_TARGET_DIR", target);
     for package in packages {
         command.args(["-p", package]);
     }
-    match greeting {
-        Some(greeting) => command.env("SAMPLE_GREETING", greeting),
-        None => command.env_remove("SAMPLE_GREETING"),
-    };
+    for name in SAMPLE_SETTINGS {
+        command.env_remove(name);
+    }
+    if let Some((name, value)) = setting {
+        command.env(name, value);
+    }
     let status = command.status().expect("cargo runs");
     assert!(status.success(), "cargo build {packages:?} failed");
 }
@@ -102,17 +108,29 @@ impl Drop for TempDir {
     }
 }
 
-/// The sample app built with `SAMPLE_GREETING=greeting`. Variants build in
+/// The sample app built with `SAMPLE_GREETING=greeting`.
+pub fn sample_variant(greeting: &str) -> PathBuf {
+    sample_built_with("SAMPLE_GREETING", greeting)
+}
+
+/// The sample app built with `SAMPLE_FAULT=fault`: it crashes in `init`
+/// (`init-segfault`, `init-abort`) or on every `GET /` (`serve-abort`).
+pub fn sample_fault_variant(fault: &str) -> PathBuf {
+    sample_built_with("SAMPLE_FAULT", fault)
+}
+
+/// The sample app built with one build-time setting. Variants build in
 /// their own target directory, one at a time, so they never touch the
 /// library other tests are serving; each is built once per test process.
-pub fn sample_variant(greeting: &str) -> PathBuf {
+fn sample_built_with(setting: &str, value: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let target = variants_target_dir();
-    let slug: String = greeting.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    let built = target.join(format!("libsample_{slug}_{}.so", std::process::id()));
+    let slug: String = value.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let prefix = setting.trim_start_matches("SAMPLE_").to_ascii_lowercase();
+    let built = target.join(format!("libsample_{prefix}_{slug}_{}.so", std::process::id()));
     if !built.exists() {
-        cargo_build(&["sample-app"], &target, Some(greeting));
+        cargo_build(&["sample-app"], &target, Some((setting, value)));
         std::fs::copy(target.join("debug/libsample_app.so"), &built).expect("keep the variant");
     }
     built

@@ -8,32 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pounce_tests::{get, replace_file, sample_app, variants_target_dir, Client, Reply, Server, TempDir};
+use pounce_tests::{get, replace_file, sample_app, sample_fault_variant, Client, Reply, Server, TempDir};
 
 const PROCESS_MODE: [&str; 6] = ["--mode", "process", "--processes", "2", "--app-arg", "faults=on"];
 
 fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     PROCESS_MODE.iter().copied().chain(extra.iter().copied()).collect()
-}
-
-/// The sample app built with `SAMPLE_FAULT=fault` (crash in init, or on
-/// every `GET /`), built once per test process.
-fn fault_variant(fault: &str) -> PathBuf {
-    let target = variants_target_dir();
-    let built = target.join(format!("libsample_fault_{}_{}.so", fault.replace('-', "_"), std::process::id()));
-    if !built.exists() {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-            .args(["build", "--quiet", "-p", "sample-app"])
-            .current_dir(pounce_tests::workspace())
-            .env("CARGO_TARGET_DIR", &target)
-            .env("SAMPLE_FAULT", fault)
-            .env_remove("SAMPLE_GREETING")
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the {fault} variant failed");
-        std::fs::copy(target.join("debug/libsample_app.so"), &built).expect("keep the variant");
-    }
-    built
 }
 
 /// A library whose ELF constructor writes through a null pointer: it
@@ -187,12 +167,8 @@ fn each_kind_of_crash_costs_only_the_dead_workers_connections() {
         fault(&server, route);
         assert!(server.wait_for_log(how, Duration::from_secs(10)), "{route}: no crash logged:\n{}", server.logs());
         // Two workers at start, one replacement per crash.
-        let ready = 3 + n;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while server.count_logs("event=\"worker_ready\"") < ready && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(server.count_logs("event=\"worker_ready\"") >= ready, "{route}: no replacement:\n{}", server.logs());
+        let replaced = server.wait_for_log_count("event=\"worker_ready\"", 3 + n, Duration::from_secs(5));
+        assert!(replaced, "{route}: no replacement:\n{}", server.logs());
         assert!(answers_within(&server, Duration::from_secs(1)).is_some(), "{route}: service did not answer");
         assert!(load.wait_for_progress(20, Duration::from_secs(10)), "{route}: load stalled");
     }
@@ -210,14 +186,11 @@ fn a_crash_in_the_new_librarys_constructor_or_init_keeps_the_old_generation_serv
     let server = Server::start(&library, &args(&[]));
     let load = Load::start(&server, 2);
     assert!(load.wait_for_progress(20, Duration::from_secs(10)), "load runs");
-    for (n, bad) in [constructor_crash(&dir), fault_variant("init-segfault")].iter().enumerate() {
+    for (n, bad) in [constructor_crash(&dir), sample_fault_variant("init-segfault")].iter().enumerate() {
         replace_file(bad, &library);
         server.signal(libc::SIGHUP);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while server.count_logs("event=\"reload_failed\"") <= n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(server.count_logs("event=\"reload_failed\""), n + 1, "{}", server.logs());
+        let failed = server.wait_for_log_count("event=\"reload_failed\"", n + 1, Duration::from_secs(20));
+        assert!(failed, "{}", server.logs());
         assert!(load.wait_for_progress(20, Duration::from_secs(10)), "old generation keeps serving");
     }
     assert!(server.logs().contains("(SIGSEGV) while loading"), "{}", server.logs());
@@ -234,7 +207,7 @@ fn a_generation_that_crashes_right_after_its_reload_is_rolled_back() {
     let dir = TempDir::new("process-rollback");
     let library = deployed(&dir);
     let server = Server::start(&library, &args(&["--rollback-window", "60s"]));
-    replace_file(&fault_variant("serve-abort"), &library);
+    replace_file(&sample_fault_variant("serve-abort"), &library);
     server.signal(libc::SIGHUP);
     assert!(server.wait_for_log("event=\"generation_loaded\"", Duration::from_secs(20)), "{}", server.logs());
     // Every `GET /` of generation 2 aborts its worker.
@@ -243,10 +216,7 @@ fn a_generation_that_crashes_right_after_its_reload_is_rolled_back() {
         let _ = get_within(server.addr, "/", Duration::from_secs(2));
     }
     assert!(server.count_logs("event=\"rolling_back\"") > 0, "{}", server.logs());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.count_logs("event=\"generation_loaded\"") < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(server.wait_for_log_count("event=\"generation_loaded\"", 2, Duration::from_secs(20)), "{}", server.logs());
     assert!(answers_within(&server, Duration::from_secs(5)).is_some(), "old code answers again");
     let health = health(&server);
     assert_eq!(health["generation"], 3, "{health}");
@@ -268,11 +238,8 @@ fn a_spinning_handler_is_killed_and_replaced_while_others_are_served() {
     assert!(!matches!(spun, Some(Ok(ref reply)) if reply.status == 200), "the spinning request cannot answer");
     assert!(server.wait_for_log("signal 9 (SIGKILL)", Duration::from_secs(5)));
     // Two workers at start, then the replacement of the one that spun.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while server.count_logs("event=\"worker_ready\"") < 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(server.count_logs("event=\"worker_ready\"") >= 3, "no replacement:\n{}", server.logs());
+    let replaced = server.wait_for_log_count("event=\"worker_ready\"", 3, Duration::from_secs(5));
+    assert!(replaced, "no replacement:\n{}", server.logs());
     let (ok, failed) = load.finish();
     // Only requests on connections the spinning worker had accepted fail.
     println!("spinning handler: {ok} other requests answered, {failed} failed (on the spinning worker's connections)");

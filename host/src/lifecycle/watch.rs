@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
+use pounce_devkit::is_editor_temp;
 use tokio::sync::Notify;
 
 use crate::generations::elf;
@@ -137,16 +138,6 @@ impl Filter {
         self.include.is_empty()
             || path.extension().is_some_and(|ext| self.include.contains(&ext.to_string_lossy().to_ascii_lowercase()))
     }
-}
-
-/// Files editors write next to the one being saved (also used by
-/// `cargo xtask dev`).
-pub fn is_editor_temp(name: &str) -> bool {
-    name.ends_with('~')
-        || name.starts_with(".#")
-        || (name.starts_with('#') && name.ends_with('#'))
-        || (name.starts_with('.') && (name.ends_with(".swp") || name.ends_with(".swx")))
-        || name == "4913"
 }
 
 /// What one burst of events touched.
@@ -271,16 +262,6 @@ fn hash(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn editor_temporary_files_are_recognized() {
-        for name in ["index.html~", ".index.html.swp", ".index.html.swx", ".#index.html", "#index.html#", "4913"] {
-            assert!(is_editor_temp(name), "{name}");
-        }
-        for name in ["index.html", "main.rs", "a#b", "notes.swp.txt"] {
-            assert!(!is_editor_temp(name), "{name}");
-        }
-    }
 
     #[test]
     fn watched_files_honour_include_and_hidden_dirs() {
