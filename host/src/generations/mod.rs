@@ -1,5 +1,6 @@
 //! Generations: loading an app library (file checks, ELF check, staging
-//! copy, `dlopen`, ABI check, init), the [`Generation`] it becomes, the
+//! copy, `dlopen`, ABI check, init), a library's bytes kept for later loads
+//! ([`snapshot`]), the [`Generation`] it becomes, the
 //! [`Current`] one new requests go to, and unloading a generation once its
 //! last lease is gone.
 //!
@@ -9,6 +10,7 @@ mod current;
 pub mod elf;
 mod generation;
 pub mod loader;
+pub mod snapshot;
 mod unload;
 
 pub use current::Current;

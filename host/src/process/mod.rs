@@ -4,13 +4,12 @@
 //! The [`supervisor`] binds the listening socket once, never loads app
 //! code, and starts each [`worker`] by executing its own binary again with
 //! the socket, a [`control`] channel and the generation's library
-//! [`snapshot`] at fixed descriptors. Workers serve with the thread-mode
+//! snapshot (`generations::snapshot`) at fixed descriptors. Workers serve with the thread-mode
 //! code (`front`, `generations`).
 //!
 //! The top layer beside `lifecycle`: imports `lifecycle`, `front`,
 //! `generations`, `operations`, `config`, `ffi`.
 
 pub mod control;
-mod snapshot;
 pub mod supervisor;
 pub mod worker;

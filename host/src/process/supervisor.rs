@@ -35,10 +35,10 @@ use serde_json::json;
 use tokio::sync::{mpsc, Notify};
 
 use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENER_FD};
-use super::snapshot::Snapshot;
 use crate::config::Config;
 use crate::ffi::process::{kill, spawn_with_fds};
 use crate::front::listener;
+use crate::generations::snapshot::Snapshot;
 use crate::lifecycle::serve::{watch_spec, StartError};
 use crate::lifecycle::signals::{Request, Signals};
 use crate::lifecycle::watch;

@@ -1,5 +1,5 @@
-//! A generation's library bytes, kept by the supervisor in an anonymous
-//! in-memory file. Workers of that generation (the first ones, and every
+//! A generation's library bytes, kept in an anonymous in-memory file (by
+//! process mode's supervisor). Workers of that generation (the first ones, and every
 //! replacement after a crash) load these bytes, never the file on disk: a
 //! deploy may have replaced it since. The previous generation's snapshot is
 //! what an automatic rollback goes back to.
@@ -13,8 +13,8 @@ use std::io::{self, Seek};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::loader::{check_elf, check_source, LoadError};
 use crate::ffi::process::memfd;
-use crate::generations::loader::{check_elf, check_source, LoadError};
 
 pub struct Snapshot {
     /// The file it was taken from, for messages.
