@@ -47,6 +47,13 @@ opt-level = 1
 /// Rewrites the copy's source with `greeting` as its default greeting, plus
 /// `extra` code at the end.
 fn set_greeting(dir: &Path, greeting: &str, extra: &str) {
+    // The sample app's other modules, as they are.
+    for entry in std::fs::read_dir(workspace().join("sample-app/src")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name() != Some("lib.rs".as_ref()) {
+            std::fs::copy(&path, dir.join("src").join(path.file_name().unwrap())).unwrap();
+        }
+    }
     let source = std::fs::read_to_string(workspace().join("sample-app/src/lib.rs")).unwrap();
     let source = source.replace("\"Hello from sample-app\"", &format!("{greeting:?}"));
     std::fs::write(dir.join("src/lib.rs"), format!("{source}\n{extra}")).unwrap();
