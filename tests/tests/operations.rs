@@ -55,13 +55,24 @@ fn status(datagram: &str) -> &str {
     datagram.lines().find_map(|l| l.strip_prefix("STATUS=")).unwrap_or("")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn systemd_hears_start_reloads_and_shutdown_in_order() {
+#[test]
+fn systemd_hears_start_reloads_and_shutdown_in_order() {
+    systemd_sequence(&[]);
+}
+
+/// In process mode the supervisor is the main pid: it alone talks to
+/// systemd (its workers do not inherit `NOTIFY_SOCKET`).
+#[test]
+fn systemd_hears_the_supervisor_in_process_mode() {
+    systemd_sequence(&["--mode", "process", "--processes", "2"]);
+}
+
+fn systemd_sequence(args: &[&str]) {
     let systemd = FakeSystemd::new();
     let dir = TempDir::new("notify-lib");
     let library = dir.join("libapp.so");
     replace_file(&sample_variant("Greeting A"), &library);
-    let mut server = Server::start_with_env(&library, &[], &[("NOTIFY_SOCKET", &systemd.path)]);
+    let mut server = Server::start_with_env(&library, args, &[("NOTIFY_SOCKET", &systemd.path)]);
 
     let ready = systemd.expect("start");
     assert_eq!(keys(&ready), ["READY=1", "STATUS"], "{ready}");
