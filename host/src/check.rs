@@ -1,6 +1,7 @@
 //! `pounce-host check`: would this library serve? Load it exactly as a
 //! reload would (copy, open, ABI check, init), shut it down, and report.
 
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::ffi::Unloaded;
@@ -9,9 +10,27 @@ use crate::generations::loader::{LoadError, Loader};
 /// How long the app's shutdown may take during a check.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Loads, checks and unloads the library; returns the report to print.
-pub fn run(loader: &Loader) -> Result<String, LoadError> {
-    let loaded = loader.load(1)?;
+/// Loads, checks and unloads the library; returns the report to print. A
+/// load that takes longer than `limit` fails: the thread running the app's
+/// init is abandoned (the process exits after the report).
+pub fn run(loader: Arc<Loader>, limit: Duration) -> Result<String, LoadError> {
+    let (tx, rx) = mpsc::channel();
+    let loading = loader.clone();
+    std::thread::Builder::new()
+        .name("pounce-check".to_owned())
+        .spawn(move || {
+            let _ = tx.send(loading.load(1));
+        })
+        .map_err(LoadError::Thread)?;
+    let loaded = match rx.recv_timeout(limit) {
+        Ok(result) => result?,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            return Err(LoadError::TimedOut { path: loader.source().to_owned(), limit });
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            return Err(LoadError::Crashed { path: loader.source().to_owned() });
+        }
+    };
     let info = loaded.generation.info().clone();
     let path = loader.source().display().to_string();
     let started = Instant::now();

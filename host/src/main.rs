@@ -114,7 +114,7 @@ fn check(args: CheckArgs) -> ExitCode {
         Ok(loader) => loader,
         Err(e) => return fail(1, anyhow::Error::new(e).context("cannot create the staging directory")),
     };
-    match check::run(&loader) {
+    match check::run(std::sync::Arc::new(loader), args.timeout) {
         Ok(report) => {
             print!("{report}");
             ExitCode::SUCCESS

@@ -232,6 +232,11 @@ pub struct CheckArgs {
     /// in the config file's `[app]` table.
     #[arg(long = "app-arg", value_name = "KEY=VALUE", value_parser = parse_app_arg)]
     pub app_args: Vec<(String, String)>,
+
+    /// Longest the load (with the app's init) may take; past it the check
+    /// fails (exit 3) instead of waiting for an init that hangs.
+    #[arg(long, env = "POUNCE_CHECK_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+    pub timeout: Duration,
 }
 
 #[cfg(test)]

@@ -94,9 +94,18 @@ impl Generation {
         }
     }
 
-    /// Tells the app it gets no new requests.
-    pub fn drain(&self) {
-        self.app().drain();
+    /// Tells the app it gets no new requests, on a thread of its own: an
+    /// app whose `drain` blocks must hold up neither the serving threads
+    /// nor a shutdown. The thread holds a lease, so the code stays loaded
+    /// while it runs.
+    pub fn drain_in_background(self: &Arc<Self>) {
+        let generation = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("pounce-drain-g{}", self.number))
+            .spawn(move || generation.app().drain());
+        if let Err(e) = spawned {
+            tracing::warn!(generation = self.number, "cannot start the app's drain: {e}");
+        }
     }
 
     /// Cancels every request still running in this generation.

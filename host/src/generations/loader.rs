@@ -43,7 +43,7 @@ pub enum LoadError {
     #[error("the loader thread for {} crashed", .path.display())]
     Crashed { path: PathBuf },
     #[error(
-        "{}: loading took longer than reload_timeout ({}); abandoned (does the app's init block?)",
+        "{}: loading took longer than {} (--reload-timeout; for check, --timeout); abandoned: does the app's init block?",
         .path.display(),
         crate::config::format_duration(*.limit)
     )]

@@ -39,7 +39,7 @@ async fn settled(generation: &Generation) {
 pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
     let number = old.number();
     let started = Instant::now();
-    old.drain();
+    old.drain_in_background();
     server.current.add_draining(old.clone());
     server.reporter.emit(Event::GenerationDraining { generation: number, in_flight: old.in_flight() });
     let timeout = server.config.reload_timeout;

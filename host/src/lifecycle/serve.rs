@@ -15,7 +15,7 @@ use super::{reload, shutdown};
 use crate::config::Config;
 use crate::front::listener::{self, BindError};
 use crate::front::{connections, Server};
-use crate::generations::loader::{LoadError, Loader};
+use crate::generations::loader::{LoadError, Loaded, Loader};
 use crate::generations::unload_guard;
 use crate::operations::{sd_notify, Event};
 
@@ -49,18 +49,15 @@ impl StartError {
 }
 
 pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError> {
-    let mut signals = Signals::install()?;
+    let mut signals = Signals::install(shutdown::hard_deadline(&config))?;
     unload_guard::set_enabled(config.unload_guard);
     if !unload_guard::is_enabled() {
         tracing::warn!("--unload-guard off: retired generations will stay mapped (see ARCHITECTURE.md)");
     }
     let loader =
         Arc::new(Loader::new(config.library.clone(), config.app_args.clone(), max_log_level, config.shutdown_timeout)?);
-    let first = {
-        let loader = loader.clone();
-        tokio::task::spawn_blocking(move || loader.load(1))
-            .await
-            .map_err(|_| LoadError::Crashed { path: config.library.clone() })??
+    let Some(first) = load_first(&loader, config.reload_timeout, &mut signals).await? else {
+        return Ok(());
     };
     // Watch before binding, so a bad --reload-dir fails the start-up.
     let reloads = Arc::new(Notify::new());
@@ -94,6 +91,36 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     };
     shutdown::run(&server, &mut signals, first_stop).await;
     Ok(())
+}
+
+/// Loads generation 1, bounded by `reload_timeout` like any reload; a
+/// shutdown signal meanwhile ends the start-up at once (`None`: the app's
+/// init, if it hangs, is abandoned with the process).
+async fn load_first(
+    loader: &Arc<Loader>,
+    limit: std::time::Duration,
+    signals: &mut Signals,
+) -> Result<Option<Loaded>, StartError> {
+    let path = loader.source().to_owned();
+    let loading = loader.clone();
+    let load = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || loading.load(1)));
+    tokio::pin!(load);
+    loop {
+        tokio::select! {
+            loaded = &mut load => return match loaded {
+                Ok(Ok(result)) => Ok(Some(result?)),
+                Ok(Err(_)) => Err(LoadError::Crashed { path }.into()),
+                Err(_) => Err(LoadError::TimedOut { path, limit }.into()),
+            },
+            request = signals.next() => match request {
+                Request::Shutdown { name, .. } => {
+                    tracing::info!("{name} received while the app was loading: not starting");
+                    return Ok(None);
+                }
+                Request::Reload(name) => tracing::info!("{name} received while starting: it loads the current file anyway"),
+            },
+        }
+    }
 }
 
 pub fn watch_spec(config: &Config) -> WatchSpec {

@@ -10,18 +10,27 @@
 //! A second SIGTERM/SIGINT exits at once with status 128 + the signal number.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::signals::{Request, Signals};
+use crate::config::Config;
 use crate::front::Server;
 use crate::operations::Event;
+
+/// The longest a graceful shutdown may take, after which the signal thread
+/// exits regardless: the connections' drain (`shutdown_timeout`), the
+/// runtime's wind-down, the apps' `shutdown` (`shutdown_timeout` again),
+/// and a margin.
+pub fn hard_deadline(config: &Config) -> Duration {
+    config.shutdown_timeout * 2 + Duration::from_secs(5)
+}
 
 pub async fn run(server: &Arc<Server>, signals: &mut Signals, (name, _): (&'static str, i32)) {
     let started = Instant::now();
     let timeout = server.config.shutdown_timeout;
     server.reporter.emit(Event::ShutdownStarted { signal: name, connections: server.connections.count(), timeout });
     server.connections.begin_shutdown();
-    server.current.lease().drain();
+    server.current.lease().drain_in_background();
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let drained = loop {

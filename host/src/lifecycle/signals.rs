@@ -17,6 +17,7 @@
 //! sockets per generation that nothing can close once the library is gone.
 
 use std::io;
+use std::time::Duration;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals as Received;
@@ -33,15 +34,29 @@ pub struct Signals {
 }
 
 impl Signals {
-    pub fn install() -> io::Result<Signals> {
+    /// Starts the signal thread. The first SIGTERM/SIGINT goes to the
+    /// serving code for a graceful shutdown; from then on the thread itself
+    /// guarantees the process ends, even if app code blocks every worker
+    /// thread (so nothing async can run): a second shutdown signal exits at
+    /// once, and so does `give_up_after` past the first.
+    pub fn install(give_up_after: Duration) -> io::Result<Signals> {
         let mut signals = Received::new([SIGHUP, SIGUSR1, SIGTERM, SIGINT])?;
         let (tx, received) = mpsc::unbounded_channel();
         std::thread::Builder::new().name("pounce-signals".to_owned()).spawn(move || {
+            let mut stopping = false;
             for signal in signals.forever() {
+                let shutdown = matches!(signal, SIGTERM | SIGINT);
+                if shutdown && stopping {
+                    exit_now(signal, "second shutdown signal: exiting at once");
+                }
+                if shutdown {
+                    stopping = true;
+                    watch_the_shutdown(signal, give_up_after);
+                }
                 // Nobody listens once serving has ended: a shutdown signal
                 // during the final clean-up still exits at once.
-                if tx.send(signal).is_err() && matches!(signal, SIGTERM | SIGINT) {
-                    std::process::exit(128 + signal);
+                if tx.send(signal).is_err() && shutdown {
+                    exit_now(signal, "shutdown signal after serving ended: exiting at once");
                 }
             }
         })?;
@@ -61,5 +76,24 @@ impl Signals {
                 None => std::future::pending().await,
             }
         }
+    }
+}
+
+/// Exits the process from the signal thread, whatever the rest is doing.
+fn exit_now(signal: i32, why: &str) -> ! {
+    eprintln!("pounce-host: {why} (status {})", 128 + signal);
+    std::process::exit(128 + signal);
+}
+
+/// A graceful shutdown must end: if the process still runs `limit` after
+/// the first shutdown signal (app code blocking every thread, an app
+/// `drain` or `shutdown` that never returns), exit anyway.
+fn watch_the_shutdown(signal: i32, limit: Duration) {
+    let spawned = std::thread::Builder::new().name("pounce-deadline".to_owned()).spawn(move || {
+        std::thread::sleep(limit);
+        exit_now(signal, &format!("the shutdown did not finish within {limit:?}: exiting"));
+    });
+    if let Err(e) = spawned {
+        eprintln!("pounce-host: cannot watch the shutdown's deadline: {e}");
     }
 }

@@ -40,6 +40,7 @@ use crate::ffi::process::{kill, spawn_with_fds};
 use crate::front::listener;
 use crate::generations::snapshot::Snapshot;
 use crate::lifecycle::serve::{watch_spec, StartError};
+use crate::lifecycle::shutdown::hard_deadline;
 use crate::lifecycle::signals::{Request, Signals};
 use crate::lifecycle::watch;
 use crate::operations::{sd_notify, Event, Reporter};
@@ -130,7 +131,7 @@ pub struct Supervisor {
 
 /// Runs the service in process mode until a shutdown completes.
 pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartError> {
-    let mut signals = Signals::install()?;
+    let mut signals = Signals::install(hard_deadline(&config))?;
     let reloads = Arc::new(Notify::new());
     let _watch = match config.reload {
         true => Some(watch::start(watch_spec(&config), reloads.clone())?),

@@ -29,7 +29,7 @@ use crate::front::{connections, listener, Server};
 use crate::generations::loader::{LoadError, Loaded, Loader};
 use crate::generations::unload_guard;
 use crate::lifecycle::serve::StartError;
-use crate::lifecycle::shutdown;
+use crate::lifecycle::shutdown::{self, hard_deadline};
 use crate::lifecycle::signals::{Request, Signals};
 
 /// What the supervisor told this worker on its command line.
@@ -48,7 +48,7 @@ pub async fn run(config: Config, max_log_level: u32, assignment: Assignment) -> 
         // The supervisor died before this process could ask to die with it.
         return Err(StartError::Io(std::io::Error::other("the supervisor is gone")));
     }
-    let mut signals = Signals::install()?;
+    let mut signals = Signals::install(hard_deadline(&config))?;
     unload_guard::set_enabled(config.unload_guard);
     let loaded = match load(&config, max_log_level, assignment.generation).await {
         Ok(loaded) => loaded,
@@ -136,7 +136,7 @@ async fn retire(server: &Arc<Server>, signals: &mut Signals) {
     let generation = server.current.number();
     tracing::info!(generation, in_flight = server.current.in_flight(), "retiring: a newer generation serves");
     server.connections.retire();
-    server.current.lease().drain();
+    server.current.lease().drain_in_background();
     let deadline = tokio::time::sleep(server.config.reload_timeout);
     tokio::pin!(deadline);
     loop {
