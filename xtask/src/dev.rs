@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use notify::{RecursiveMode, Watcher as _};
-use pounce_host::watch::is_editor_temp;
+use pounce_host::lifecycle::watch::is_editor_temp;
 
 const USAGE: &str =
     "usage: cargo xtask dev [--package NAME | --manifest-path PATH] [--host-binary PATH] [-- SERVE OPTIONS]
