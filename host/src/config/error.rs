@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Top-level keys of the config file, listed in the unknown-key error.
 /// `library` is not among them: only the command line chooses which code
 /// runs.
-pub const FILE_KEYS: [&str; 21] = [
+pub const FILE_KEYS: [&str; 23] = [
     "host",
     "port",
     "workers",
@@ -28,6 +28,8 @@ pub const FILE_KEYS: [&str; 21] = [
     "reload_include",
     "metrics_path",
     "access_log",
+    "allow_insecure_library",
+    "staging_dir",
     "app",
 ];
 

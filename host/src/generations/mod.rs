@@ -1,5 +1,5 @@
-//! Generations: loading an app library (file checks, ELF check, staging
-//! copy, `dlopen`, ABI check, init), the [`Generation`] it becomes, the
+//! Generations: loading an app library (file checks, trust check, in-memory
+//! copy, ELF check, `dlopen`, ABI check, init), the [`Generation`] it becomes, the
 //! [`Current`] one new requests go to, and unloading a generation once its
 //! last lease is gone.
 //!
@@ -9,6 +9,7 @@ mod current;
 pub mod elf;
 mod generation;
 pub mod loader;
+pub mod trust;
 mod unload;
 
 pub use current::Current;
