@@ -36,7 +36,7 @@ use hyper_util::server::conn::auto;
 use pounce_host::config::cli::{Cli, Command};
 use pounce_host::config::Config;
 use pounce_host::front::{listener, Server};
-use pounce_host::generations::loader::Loader;
+use pounce_host::generations::loader::{Loader, LoaderSettings};
 use pounce_host::generations::unload_guard;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
@@ -148,8 +148,15 @@ fn request_path(c: &mut Criterion) {
     unload_guard::set_enabled(true);
     let library = app_library();
     let config = config(&library);
-    let loader = Loader::new(library.clone(), Vec::new(), app_abi::ffi::level::OFF, Duration::from_secs(10))
-        .expect("staging directory");
+    let loader = Loader::new(LoaderSettings {
+        source: library.clone(),
+        app_args: Vec::new(),
+        max_log_level: app_abi::ffi::level::OFF,
+        unload_timeout: Duration::from_secs(10),
+        staging_dir: config.staging_dir.clone(),
+        allow_insecure_library: config.allow_insecure_library,
+    })
+    .expect("staging directory");
     let first = loader.load(1).unwrap_or_else(|e| panic!("cannot load {}: {e}", library.display()));
 
     let server_runtime = tokio::runtime::Builder::new_multi_thread()

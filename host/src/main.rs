@@ -16,8 +16,8 @@ use clap::Parser;
 use pounce_host::check;
 use pounce_host::config::cli::{CheckArgs, Cli, Command, ServeArgs, WorkerArgs};
 use pounce_host::config::{self, Config, LogFormat, Mode};
-use pounce_host::generations::loader::Loader;
-use pounce_host::generations::{self, unload_guard};
+use pounce_host::generations::loader::{Loader, LoaderSettings};
+use pounce_host::generations::{self, trust, unload_guard};
 use pounce_host::lifecycle::serve::{self, StartError};
 use pounce_host::logging::{self, Tag};
 use pounce_host::process::{supervisor, worker};
@@ -104,15 +104,25 @@ fn run(workers: usize, unload_timeout: Duration, serving: impl Future<Output = R
 }
 
 fn check(args: CheckArgs) -> ExitCode {
-    let settings = match config::app_args_for_check(&args) {
+    let settings = match config::check_settings(&args) {
         Ok(settings) => settings,
         Err(e) => return fail(2, anyhow::Error::new(e).context("invalid configuration")),
     };
     let max_log_level = logging::init(LogFormat::Text, "warn", None);
     unload_guard::set_enabled(true);
-    let loader = match Loader::new(args.library.clone(), settings, max_log_level, Duration::from_secs(10)) {
+    if settings.allow_insecure_library {
+        tracing::warn!("{}", trust::TURNED_OFF);
+    }
+    let loader = match Loader::new(LoaderSettings {
+        source: args.library.clone(),
+        app_args: settings.app_args,
+        max_log_level,
+        unload_timeout: Duration::from_secs(10),
+        staging_dir: settings.staging_dir,
+        allow_insecure_library: settings.allow_insecure_library,
+    }) {
         Ok(loader) => loader,
-        Err(e) => return fail(1, anyhow::Error::new(e).context("cannot create the staging directory")),
+        Err(e) => return fail(1, anyhow::Error::new(e)),
     };
     match check::run(std::sync::Arc::new(loader), args.timeout) {
         Ok(report) => {

@@ -5,11 +5,20 @@
 //! Every wait here is bounded: a test that hangs is a failing test. Tests
 //! wait for what they need (a log event, a health field), not for a fixed
 //! time.
+//!
+//! pounce-host refuses a library that users other than root and its own
+//! could change (a group- or world-writable file or directory on its path),
+//! so the harness keeps what it writes private whatever the umask of the
+//! shell that started the tests: it sets the umask to 022, creates its
+//! directories 0755 and its library files 0644, and serves the workspace's
+//! sample app from a copy outside the checkout.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,9 +52,21 @@ fn cargo_build(packages: &[&str], target: &Path, setting: Option<(&str, &str)>) 
     assert!(status.success(), "cargo build {packages:?} failed");
 }
 
+/// Sets this process's umask to 022 (once), so that the files and
+/// directories tests write, and those of the compilers they run, are not
+/// writable by group or others.
+fn private_umask() {
+    static SET: Once = Once::new();
+    // SAFETY: umask(2) only changes the process's file creation mask.
+    SET.call_once(|| unsafe {
+        libc::umask(0o022);
+    });
+}
+
 /// Builds `pounce-host` and the sample app once per test process.
 fn built() -> &'static PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    private_umask();
     BUILT.get_or_init(|| {
         let target = target_dir();
         cargo_build(&["pounce-host", "sample-app"], &target, None);
@@ -75,12 +96,43 @@ pub fn variants_target_dir() -> PathBuf {
     target_dir().join("e2e-variants")
 }
 
-/// The sample app as built by the workspace (default greeting).
+/// The sample app as built by the workspace (default greeting), copied once
+/// per test process into a directory of its own (0755, the file 0644): the
+/// build output may sit in a checkout that is writable by its group, whose
+/// libraries pounce-host refuses. The copy is removed when the process exits.
 pub fn sample_app() -> PathBuf {
-    built().join("libsample_app.so")
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("pounce-e2e-{}-sample-app", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        make_dir(&dir);
+        let copy = dir.join("libsample_app.so");
+        replace_file(&built().join("libsample_app.so"), &copy);
+        extern "C" fn remove_copy() {
+            let dir = std::env::temp_dir().join(format!("pounce-e2e-{}-sample-app", std::process::id()));
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        // SAFETY: atexit(3) registers a plain function, run once at exit.
+        unsafe { libc::atexit(remove_copy) };
+        copy
+    })
+    .clone()
 }
 
-/// A private temporary directory, removed on drop.
+/// Creates `path` with mode 0755 whatever the umask.
+fn make_dir(path: &Path) {
+    private_umask();
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(path).expect("temp dir");
+    set_mode(path, 0o755);
+}
+
+/// Sets the permission bits of `path`.
+pub fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// A private temporary directory (mode 0755), removed on drop.
 pub struct TempDir(PathBuf);
 
 impl TempDir {
@@ -89,7 +141,7 @@ impl TempDir {
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("pounce-e2e-{}-{label}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("temp dir");
+        make_dir(&path);
         TempDir(path)
     }
 
@@ -136,11 +188,14 @@ fn sample_built_with(setting: &str, value: &str) -> PathBuf {
     built
 }
 
-/// Replaces `dest` with a copy of `source` the way a linker or deploy does:
-/// write a new file, then rename it over the old one (a new inode).
+/// Replaces `dest` with a copy of `source` (mode 0644) the way a linker or
+/// deploy does: write a new file, then rename it over the old one (a new
+/// inode).
 pub fn replace_file(source: &Path, dest: &Path) {
+    private_umask();
     let partial = dest.with_extension("partial");
     std::fs::copy(source, &partial).expect("copy library");
+    set_mode(&partial, 0o644);
     std::fs::rename(&partial, dest).expect("rename library");
 }
 
@@ -183,10 +238,28 @@ impl Server {
         Self::try_start_with_env(library, args, &[])
     }
 
-    fn try_start_with_env(
+    /// Like [`Server::try_start`], with extra environment variables.
+    pub fn try_start_with_env(
         library: &Path,
         args: &[&str],
         env: &[(&str, &str)],
+    ) -> Result<Server, (Option<ExitStatus>, String)> {
+        Self::try_start_command(library, args, env, |_| ())
+    }
+
+    /// Like [`Server::start_with_env`], in a process where `memfd_create`
+    /// fails with ENOSYS (see [`deny_memfd`]).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    pub fn start_without_memfd(library: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::try_start_command(library, args, env, deny_memfd)
+            .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
+    }
+
+    fn try_start_command(
+        library: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&mut Command),
     ) -> Result<Server, (Option<ExitStatus>, String)> {
         let mut command = Command::new(host_binary());
         command
@@ -203,6 +276,7 @@ impl Server {
             }
         }
         command.envs(env.iter().copied());
+        prepare(&mut command);
         let mut child = command.spawn().expect("start pounce-host");
         let log = Log::default();
         log.collect(child.stderr.take().expect("stderr piped"));
@@ -299,14 +373,26 @@ impl Server {
     }
 
     /// Copies of the app library the server has mapped, counted from
-    /// `/proc/<pid>/maps` (distinct staged files).
+    /// `/proc/<pid>/maps`: distinct in-memory copies (`/memfd:pounce-host-*`)
+    /// or staged files (`.../pounce-host-<pid>-*/...`).
     pub fn mapped_app_copies(&self) -> usize {
-        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).unwrap_or_default();
-        let mut files: Vec<&str> =
-            maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(|p| p.contains("/pounce-host-")).collect();
-        files.sort_unstable();
+        let mut files = self.mapped_app_files();
         files.dedup();
         files.len()
+    }
+
+    /// The paths of the app library copies in `/proc/<pid>/maps`, one per
+    /// mapping, sorted.
+    pub fn mapped_app_files(&self) -> Vec<String> {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).unwrap_or_default();
+        let mut files: Vec<String> = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|p| is_app_copy(p))
+            .map(str::to_owned)
+            .collect();
+        files.sort_unstable();
+        files
     }
 }
 
@@ -316,6 +402,52 @@ impl Drop for Server {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Whether a path in `/proc/<pid>/maps` is a copy of an app library that
+/// pounce-host made: an in-memory file or a file in a staging directory.
+pub fn is_app_copy(mapped: &str) -> bool {
+    mapped.starts_with("/memfd:pounce-host-") || mapped.contains("/pounce-host-")
+}
+
+/// Makes the process `command` starts see `memfd_create` fail with ENOSYS,
+/// as on a kernel without it or under a seccomp policy that forbids it: a
+/// seccomp filter installed between fork and exec.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub fn deny_memfd(command: &mut Command) {
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xC000_00B7;
+    // Offsets in `struct seccomp_data`.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    let statement = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
+    let filter = [
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, ARCH),
+        jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, AUDIT_ARCH, 1, 0),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, NR),
+        jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, libc::SYS_memfd_create as u32, 0, 1),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    // SAFETY: the hook runs in the child between fork and exec: it only
+    // makes two prctl calls on memory it owns (the filter was built before
+    // the fork), allocates nothing and takes no lock. Filters survive exec.
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program as *const libc::sock_fprog)
+                    != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -363,7 +363,7 @@ fn check_common_unit(unit: &Unit) -> ServeCommand {
     assert_eq!(
         unit.require("PrivateTmp"),
         "yes",
-        "{}: a private, writable /tmp for the staged library copies",
+        "{}: a private, writable /tmp for staged library copies (where memfd_create is not available)",
         unit.name
     );
     if let Some(tmpdir) = unit.environment().get("TMPDIR") {
@@ -872,7 +872,8 @@ fn the_kubernetes_probes_and_ports_match_the_host() {
     assert_eq!(command.first().copied(), Some("pounce-host"), "no shell in front: {command:?}");
     assert_eq!(command.get(1).copied(), Some("serve"));
 
-    // Staged library copies need a writable $TMPDIR.
+    // Staged library copies (where memfd_create is not available) need a
+    // writable $TMPDIR.
     if pod.container["securityContext"]["readOnlyRootFilesystem"] == true {
         let mounts = pod.container["volumeMounts"].as_array().expect("volume mounts");
         assert!(mounts.iter().any(|m| m["mountPath"] == "/tmp"), "/tmp is writable under a read-only root");

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
@@ -31,6 +32,16 @@ pub fn check_extensions(extensions: Vec<String>) -> Result<Vec<String>, String> 
             }
         })
         .collect()
+}
+
+/// A directory setting: any path but the empty one (which would mean the
+/// current directory by accident).
+pub fn check_dir(path: PathBuf) -> Result<PathBuf, String> {
+    if path.as_os_str().is_empty() {
+        Err("empty: expected a directory such as /var/tmp".to_owned())
+    } else {
+        Ok(path)
+    }
 }
 
 pub fn parse_host(text: &str) -> Result<IpAddr, String> {

@@ -215,6 +215,22 @@ pub struct ServeArgs {
     /// your libc. Default: on.
     #[arg(long, env = "POUNCE_UNLOAD_GUARD", value_name = "on|off")]
     pub unload_guard: Option<Switch>,
+
+    /// Load the library even if a user other than root and the one running
+    /// pounce-host could change it: the file writable by group or others, a
+    /// directory above it writable by them without the sticky bit, or either
+    /// owned by another user. Such a library is refused otherwise; this logs
+    /// a warning instead. `--allow-insecure-library` alone means on.
+    /// Default: off.
+    #[arg(long, env = "POUNCE_ALLOW_INSECURE_LIBRARY", value_name = "on|off", num_args = 0..=1, require_equals = true, default_missing_value = "on")]
+    pub allow_insecure_library: Option<Switch>,
+
+    /// Where each generation's copy of the library is written, only if
+    /// in-memory files (memfd_create) are not available; directories that a
+    /// crashed pounce-host left there are removed at start.
+    /// Default: $TMPDIR, else /tmp.
+    #[arg(long, env = "POUNCE_STAGING_DIR", value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -237,6 +253,16 @@ pub struct CheckArgs {
     /// fails (exit 3) instead of waiting for an init that hangs.
     #[arg(long, env = "POUNCE_CHECK_TIMEOUT", value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
     pub timeout: Duration,
+
+    /// As for `serve`: check the library even if users other than root and
+    /// the one running pounce-host could change it. Default: off.
+    #[arg(long, env = "POUNCE_ALLOW_INSECURE_LIBRARY", value_name = "on|off", num_args = 0..=1, require_equals = true, default_missing_value = "on")]
+    pub allow_insecure_library: Option<Switch>,
+
+    /// As for `serve`: where the library's copy goes if in-memory files are
+    /// not available. Default: $TMPDIR, else /tmp.
+    #[arg(long, env = "POUNCE_STAGING_DIR", value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]
@@ -312,6 +338,8 @@ pub(crate) mod tests {
             "--max-body-size=4MiB",
             "--log-format=json",
             "--unload-guard=off",
+            "--allow-insecure-library",
+            "--staging-dir=/var/tmp",
             "--app-arg=a=1",
             "--app-arg",
             "b=x=y",
@@ -322,6 +350,8 @@ pub(crate) mod tests {
         assert_eq!(args.max_body_size, Some(4 << 20));
         assert_eq!(args.log_format, Some(LogFormat::Json));
         assert_eq!(args.unload_guard, Some(Switch::Off));
+        assert_eq!(args.allow_insecure_library, Some(Switch::On));
+        assert_eq!(args.staging_dir, Some(PathBuf::from("/var/tmp")));
         let expected = [("a", "1"), ("b", "x=y")].map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(args.app_args, expected);
     }
@@ -334,6 +364,7 @@ pub(crate) mod tests {
             "--max-body-size=1.5MiB",
             "--log-format=xml",
             "--unload-guard=maybe",
+            "--allow-insecure-library=yes",
             "--app-arg=novalue",
             "--app-arg==x",
         ] {
@@ -358,5 +389,22 @@ pub(crate) mod tests {
         assert_eq!(check.library, PathBuf::from("app.so"));
         assert_eq!(check.config, Some(PathBuf::from("p.toml")));
         assert_eq!(check.app_args, [("k".to_owned(), "v".to_owned())]);
+        assert_eq!(check.allow_insecure_library, None);
+        assert_eq!(check.staging_dir, None);
+    }
+
+    #[test]
+    fn check_takes_the_library_file_settings_of_serve() {
+        let args = ["check", "--allow-insecure-library", "--staging-dir", "/var/tmp", "app.so"];
+        let Command::Check(check) = parse(&args).unwrap().command else {
+            panic!("parsed as serve");
+        };
+        assert_eq!(check.allow_insecure_library, Some(Switch::On));
+        assert_eq!(check.staging_dir, Some(PathBuf::from("/var/tmp")));
+        let args = ["check", "--allow-insecure-library=off", "app.so"];
+        let Command::Check(check) = parse(&args).unwrap().command else {
+            panic!("parsed as serve");
+        };
+        assert_eq!(check.allow_insecure_library, Some(Switch::Off));
     }
 }

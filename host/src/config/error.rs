@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Top-level keys of the config file, listed in the unknown-key error.
 /// `library` is not among them: only the command line chooses which code
 /// runs.
-pub const FILE_KEYS: [&str; 27] = [
+pub const FILE_KEYS: [&str; 29] = [
     "host",
     "port",
     "workers",
@@ -34,6 +34,8 @@ pub const FILE_KEYS: [&str; 27] = [
     "max_restarts",
     "restart_window",
     "rollback_window",
+    "allow_insecure_library",
+    "staging_dir",
     "app",
 ];
 

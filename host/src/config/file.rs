@@ -11,8 +11,8 @@ use clap::ValueEnum;
 use toml::Value;
 
 use super::checks::{
-    check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range, parse_host,
-    range_problem, BACKLOG, PORTS, PROCESSES, RESTARTS, WORKERS,
+    check_dir, check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range,
+    parse_host, range_problem, BACKLOG, PORTS, PROCESSES, RESTARTS, WORKERS,
 };
 use super::error::{ConfigError, Origin};
 use super::layer::Layer;
@@ -58,6 +58,8 @@ fn read(path: &Path) -> Result<Layer, ConfigError> {
             "reload_include" => put(&mut layer.reload_include, list(value).and_then(check_extensions)),
             "metrics_path" => put(&mut layer.metrics_path, text_of(value).and_then(check_health_path)),
             "access_log" => put(&mut layer.access_log, switch(value)),
+            "allow_insecure_library" => put(&mut layer.allow_insecure_library, switch(value)),
+            "staging_dir" => put(&mut layer.staging_dir, text_of(value).map(PathBuf::from).and_then(check_dir)),
             "app" => {
                 layer.app_args = app_table(path, value)?;
                 Ok(())

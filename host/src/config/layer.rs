@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::checks::{
-    check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range, BACKLOG,
-    PROCESSES, RESTARTS, WORKERS,
+    check_dir, check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range,
+    BACKLOG, PROCESSES, RESTARTS, WORKERS,
 };
 use super::cli::ServeArgs;
 use super::error::{ConfigError, Origin};
@@ -47,6 +47,8 @@ pub struct Layer {
     pub reload_include: Option<Vec<String>>,
     pub metrics_path: Option<Option<String>>,
     pub access_log: Option<bool>,
+    pub allow_insecure_library: Option<bool>,
+    pub staging_dir: Option<PathBuf>,
 }
 
 impl Layer {
@@ -80,6 +82,8 @@ impl Layer {
             reload_include: flag("reload_include", non_empty(args.reload_include), check_extensions)?,
             metrics_path: flag("metrics_path", args.metrics_path, check_health_path)?,
             access_log: args.access_log.map(bool::from),
+            allow_insecure_library: args.allow_insecure_library.map(bool::from),
+            staging_dir: flag("staging_dir", args.staging_dir, check_dir)?,
         })
     }
 }
@@ -89,7 +93,7 @@ fn non_empty<T>(values: Vec<T>) -> Option<Vec<T>> {
 }
 
 /// Checks a value given by flag or environment variable, if there is one.
-fn flag<T: fmt::Debug, U>(
+pub(super) fn flag<T: fmt::Debug, U>(
     key: &'static str,
     value: Option<T>,
     check: impl FnOnce(T) -> Result<U, String>,

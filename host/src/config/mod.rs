@@ -82,6 +82,21 @@ pub struct Config {
     pub reload_include: Vec<String>,
     pub metrics_path: Option<String>,
     pub access_log: bool,
+    /// Load a library that users other than root and the server's could
+    /// change (see `generations::trust`).
+    pub allow_insecure_library: bool,
+    /// Where library copies go if in-memory files are not available.
+    pub staging_dir: PathBuf,
+}
+
+/// The settings `pounce-host check` uses: those that decide how the library
+/// is loaded, from its flags and the config file as for `serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSettings {
+    /// The config file's `[app]` table, then `--app-arg`s (see `Config`).
+    pub app_args: Vec<(String, String)>,
+    pub allow_insecure_library: bool,
+    pub staging_dir: PathBuf,
 }
 
 impl Config {
@@ -96,12 +111,22 @@ impl Config {
     }
 }
 
-/// The app settings for `pounce-host check`: the config file's `[app]` table
-/// overridden by `--app-arg`s. The rest of the file is validated as well, so
-/// that check fails on a file that serve would reject.
-pub fn app_args_for_check(args: &CheckArgs) -> Result<Vec<(String, String)>, ConfigError> {
+/// The settings for `pounce-host check`: the config file's `[app]` table
+/// overridden by `--app-arg`s, and the library file settings, flag over
+/// file as for `serve`. The rest of the file is validated as well, so that
+/// check fails on a file that serve would reject.
+pub fn check_settings(args: &CheckArgs) -> Result<CheckSettings, ConfigError> {
     let file = file::read_optional(args.config.as_deref())?;
-    Ok(merge_app_args(file.app_args, args.app_args.clone()))
+    let staging_dir = layer::flag("staging_dir", args.staging_dir.clone(), checks::check_dir)?;
+    Ok(CheckSettings {
+        app_args: merge_app_args(file.app_args, args.app_args.clone()),
+        allow_insecure_library: args
+            .allow_insecure_library
+            .map(bool::from)
+            .or(file.allow_insecure_library)
+            .unwrap_or(false),
+        staging_dir: staging_dir.or(file.staging_dir).unwrap_or_else(std::env::temp_dir),
+    })
 }
 
 /// Combines the command line over the file over the built-in defaults.
@@ -135,6 +160,8 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
         reload_include: flags.reload_include.or(file.reload_include).unwrap_or_default(),
         metrics_path: flags.metrics_path.or(file.metrics_path).unwrap_or(None),
         access_log: flags.access_log.or(file.access_log).unwrap_or(false),
+        allow_insecure_library: flags.allow_insecure_library.or(file.allow_insecure_library).unwrap_or(false),
+        staging_dir: flags.staging_dir.or(file.staging_dir).unwrap_or_else(std::env::temp_dir),
     }
 }
 
@@ -254,6 +281,8 @@ mod tests {
         assert_eq!(config.log_level, "info");
         assert!(config.app_args.is_empty());
         assert!(config.unload_guard);
+        assert!(!config.allow_insecure_library);
+        assert_eq!(config.staging_dir, std::env::temp_dir());
     }
 
     #[test]
@@ -274,6 +303,8 @@ mod tests {
             "--log-format=json",
             "--log-level=pounce_host=debug,warn",
             "--unload-guard=off",
+            "--allow-insecure-library",
+            "--staging-dir=/var/tmp/pounce",
         ])
         .unwrap();
         assert_eq!(config.host, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
@@ -291,6 +322,8 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level, "pounce_host=debug,warn");
         assert!(!config.unload_guard);
+        assert!(config.allow_insecure_library);
+        assert_eq!(config.staging_dir, PathBuf::from("/var/tmp/pounce"));
     }
 
     #[test]
@@ -330,6 +363,8 @@ mod tests {
             log_format = "json"
             log_level = "debug"
             unload_guard = false
+            allow_insecure_library = true
+            staging_dir = "/var/tmp/pounce"
 
             [app]
             greeting = "hello"
@@ -353,6 +388,8 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level, "debug");
         assert!(!config.unload_guard);
+        assert!(config.allow_insecure_library);
+        assert_eq!(config.staging_dir, PathBuf::from("/var/tmp/pounce"));
         // `toml::Table` keeps keys sorted.
         let expected = [("greeting", "hello"), ("ratio", "0.5"), ("retries", "3"), ("verbose", "true")];
         assert_eq!(config.app_args, pairs(&expected));
@@ -399,6 +436,47 @@ mod tests {
         assert_eq!(config.log_level, "info", "default");
     }
 
+    /// `pounce-host check --config FILE app.so`.
+    fn check_args(file: &TempFile) -> CheckArgs {
+        CheckArgs {
+            library: "app.so".into(),
+            config: Some(file.0.clone()),
+            app_args: Vec::new(),
+            allow_insecure_library: None,
+            staging_dir: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn check_takes_the_library_file_settings_like_serve() {
+        let empty = TempFile::new("check-library-empty", "");
+        let settings = check_settings(&check_args(&empty)).unwrap();
+        assert!(!settings.allow_insecure_library);
+        assert_eq!(settings.staging_dir, std::env::temp_dir());
+
+        let toml = "allow_insecure_library = true\nstaging_dir = \"/var/tmp/a\"\n";
+        let file = TempFile::new("check-library", toml);
+        let settings = check_settings(&check_args(&file)).unwrap();
+        assert!(settings.allow_insecure_library, "from the file");
+        assert_eq!(settings.staging_dir, PathBuf::from("/var/tmp/a"));
+        let args = CheckArgs {
+            allow_insecure_library: Some(values::Switch::Off),
+            staging_dir: Some("/var/tmp/b".into()),
+            ..check_args(&file)
+        };
+        let settings = check_settings(&args).unwrap();
+        assert!(!settings.allow_insecure_library, "flag over file");
+        assert_eq!(settings.staging_dir, PathBuf::from("/var/tmp/b"));
+
+        let bad = TempFile::new("check-library-bad", "staging_dir = \"\"\n");
+        let message = check_settings(&check_args(&bad)).unwrap_err().to_string();
+        assert!(message.contains("staging_dir = \"\": empty"), "{message}");
+        let args = CheckArgs { staging_dir: Some(PathBuf::new()), ..check_args(&empty) };
+        let message = check_settings(&args).unwrap_err().to_string();
+        assert!(message.starts_with("--staging-dir / POUNCE_STAGING_DIR = \"\": empty"), "{message}");
+    }
+
     #[test]
     fn app_args_keep_first_position_and_last_value() {
         let toml = "[app]\na = \"1\"\nb = \"2\"\n";
@@ -410,17 +488,15 @@ mod tests {
     #[test]
     fn check_reads_app_args_from_file_and_flags() {
         let file = TempFile::new("check", "port = 9000\n[app]\nname = \"x\"\nmode = \"a\"\n");
-        let args =
-            CheckArgs { library: "app.so".into(), config: Some(file.0.clone()), app_args: pairs(&[("mode", "b")]) };
-        let app_args = app_args_for_check(&args).unwrap();
-        assert_eq!(app_args, pairs(&[("mode", "b"), ("name", "x")]));
+        let args = CheckArgs { app_args: pairs(&[("mode", "b")]), ..check_args(&file) };
+        let settings = check_settings(&args).unwrap();
+        assert_eq!(settings.app_args, pairs(&[("mode", "b"), ("name", "x")]));
     }
 
     #[test]
     fn check_rejects_a_file_that_serve_would_reject() {
         let file = TempFile::new("check-bad", "prot = 9000\n");
-        let args = CheckArgs { library: "app.so".into(), config: Some(file.0.clone()), app_args: Vec::new() };
-        let error = app_args_for_check(&args).unwrap_err();
+        let error = check_settings(&check_args(&file)).unwrap_err();
         assert!(matches!(error, ConfigError::UnknownKey { .. }), "{error}");
     }
 
@@ -459,6 +535,9 @@ mod tests {
             ("log_format = \"xml\"", "log_format = \"xml\": expected one of \"text\", \"json\""),
             ("log_level = \"pounce_host=loud\"", "log_level = \"pounce_host=loud\": error parsing level filter"),
             ("unload_guard = \"maybe\"", "unload_guard = \"maybe\": expected one of \"on\", \"off\", or true, false"),
+            ("allow_insecure_library = 1", "allow_insecure_library = 1: expected a string, or true, false"),
+            ("staging_dir = \"\"", "staging_dir = \"\": empty: expected a directory"),
+            ("staging_dir = 7", "staging_dir = 7: expected a string"),
             ("app = 1", "app = 1: expected a table"),
             ("[app]\nlist = [1]", "app.list = [...]: expected a string, number or boolean"),
             ("[app]\n\"a=b\" = \"c\"", "app.a=b = \"c\": expected a non-empty key without '='"),
@@ -539,6 +618,8 @@ mod tests {
             max_restarts = 1
             restart_window = "1s"
             rollback_window = "1s"
+            allow_insecure_library = "off"
+            staging_dir = "/var/tmp"
             [app]
         "#;
         let table: toml::Table = toml.parse().unwrap();

@@ -1,6 +1,7 @@
 //! Calling an app through its C ABI (see `app_abi::ffi` for the contract).
 
 use std::ffi::c_void;
+use std::fs::File;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -185,7 +186,20 @@ unsafe impl Send for OpenedLibrary {}
 impl OpenedLibrary {
     /// Opens `path` as `generation` and checks its ABI table.
     pub fn open(path: &Path, generation: u64) -> Result<OpenedLibrary, OpenError> {
-        let library = Library::open(path).map_err(OpenError::Dlopen)?;
+        OpenedLibrary::check(Library::open(path).map_err(OpenError::Dlopen)?, generation)
+    }
+
+    /// Opens the library in `file` (an anonymous in-memory copy) as
+    /// `generation` and checks its ABI table. The library keeps `file` open
+    /// for as long as it is mapped: its `/proc/self/fd/N` path must keep
+    /// naming it.
+    pub fn open_file(file: File, generation: u64) -> Result<OpenedLibrary, OpenError> {
+        OpenedLibrary::check(Library::open_file(file).map_err(OpenError::Dlopen)?, generation)
+    }
+
+    /// Registers an opened library with the unload guard and checks its ABI
+    /// table; closes it if it is not an app of this ABI.
+    fn check(library: Library, generation: u64) -> Result<OpenedLibrary, OpenError> {
         let Some(entry) = library.symbol(abi::ENTRY_SYMBOL) else {
             library.close();
             return Err(OpenError::MissingEntry);

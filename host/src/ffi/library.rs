@@ -5,6 +5,8 @@
 //! guard) and an honest answer to "is it still mapped after `dlclose`?".
 
 use std::ffi::{c_void, CStr, CString};
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +15,15 @@ use std::path::{Path, PathBuf};
 pub(super) struct Library {
     handle: *mut c_void,
     path: PathBuf,
+    /// For a library opened from an open file ([`Library::open_file`]): that
+    /// file, whose descriptor number is in `path` (`/proc/self/fd/N`).
+    ///
+    /// glibc finds an already-open object by the path string first, so the
+    /// number must not name another file while this object is loaded: a
+    /// descriptor closed after mapping would be reused by the next load,
+    /// whose `dlopen` would silently return this object. It is closed only
+    /// once `dlclose` really unmapped the object, and leaked otherwise.
+    file: Option<File>,
 }
 
 // SAFETY: a dlopen handle is a process-wide token; glibc's dl* functions are
@@ -34,6 +45,33 @@ fn last_error() -> String {
     }
 }
 
+/// `dlopen(path, RTLD_NOW | RTLD_LOCAL)`.
+fn dlopen(path: &Path) -> Result<*mut c_void, String> {
+    let c_path = c_path(path)?;
+    // SAFETY: opening a library runs its constructors. That is the inherent
+    // risk of loading native code; the caller has checked that the file is
+    // an ELF object the operator asked us to serve.
+    let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        return Err(last_error());
+    }
+    Ok(handle)
+}
+
+/// Whether the dynamic loader still has an object open under `path`.
+fn is_loaded(path: &Path) -> bool {
+    let Ok(c_path) = c_path(path) else { return true };
+    // SAFETY: RTLD_NOLOAD only looks the path up; if it is still loaded we
+    // got a new reference, which we give back at once.
+    let still = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+    if still.is_null() {
+        return false;
+    }
+    // SAFETY: `still` is the reference RTLD_NOLOAD just took.
+    unsafe { libc::dlclose(still) };
+    true
+}
+
 fn c_path(path: &Path) -> Result<CString, String> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| "the path contains a NUL byte".to_owned())
 }
@@ -43,15 +81,15 @@ impl Library {
     /// fails here rather than in the middle of a request) and kept private to
     /// the library (`RTLD_LOCAL`: generations never see each other's symbols).
     pub(super) fn open(path: &Path) -> Result<Library, String> {
-        let c_path = c_path(path)?;
-        // SAFETY: opening a library runs its constructors. That is the
-        // inherent risk of loading native code; the caller has checked that
-        // the file is an ELF object the operator asked us to serve.
-        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if handle.is_null() {
-            return Err(last_error());
-        }
-        Ok(Library { handle, path: path.to_owned() })
+        Ok(Library { handle: dlopen(path)?, path: path.to_owned(), file: None })
+    }
+
+    /// Opens the library in `file` (an anonymous in-memory file, say)
+    /// through its `/proc/self/fd/N` path, as [`Library::open`] does. The
+    /// library keeps `file` open (see the field).
+    pub(super) fn open_file(file: File) -> Result<Library, String> {
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        Ok(Library { handle: dlopen(&path)?, path, file: Some(file) })
     }
 
     /// The address of symbol `name`, if the library defines it.
@@ -78,19 +116,25 @@ impl Library {
     /// reference, or a thread-local destructor registered against it), so
     /// the answer comes from asking the loader, without loading, whether the
     /// path is still open.
-    pub(super) fn close(self) -> bool {
+    pub(super) fn close(mut self) -> bool {
         // SAFETY: the caller guarantees no code of the library will run again
         // (all its futures, streams, wakers and threads are gone).
         unsafe { libc::dlclose(self.handle) };
-        let Ok(c_path) = c_path(&self.path) else { return false };
-        // SAFETY: RTLD_NOLOAD only looks the path up; if it is still loaded we
-        // got a new reference, which we give back at once.
-        let still = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
-        if still.is_null() {
-            return true;
+        let unmapped = !is_loaded(&self.path);
+        if unmapped {
+            drop(self.file.take());
         }
-        // SAFETY: `still` is the reference RTLD_NOLOAD just took.
-        unsafe { libc::dlclose(still) };
-        false
+        unmapped
+    }
+}
+
+impl Drop for Library {
+    /// A library dropped without [`Library::close`], or that stayed mapped,
+    /// is leaked on purpose; so is its file, whose descriptor number must
+    /// keep naming it (see the `file` field).
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take() {
+            std::mem::forget(file);
+        }
     }
 }

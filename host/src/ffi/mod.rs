@@ -1,5 +1,6 @@
 //! Everything `unsafe` in the host: opening app libraries, calling through
-//! their C ABI, the thread-local destructor guard, and the raw clock.
+//! their C ABI, the thread-local destructor guard, the raw clock, and small
+//! process queries (user id, thread priority, descriptors, signals).
 //!
 //! The rest of the host is safe code that uses three types from here:
 //! [`LoadedApp`] (one opened library with its initialized app), [`AppCall`]
@@ -9,6 +10,7 @@
 
 mod app;
 pub mod clock;
+pub mod identity;
 mod library;
 pub mod priority;
 pub mod process;

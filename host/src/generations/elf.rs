@@ -9,7 +9,8 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// What is wrong with a file that claims to be ELF.
@@ -61,10 +62,15 @@ pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
 /// [`check`] for a file, reading only its headers (the rest of a library of
 /// several MiB does not need to pass through memory to be checked).
 pub fn check_file(path: &Path) -> io::Result<Result<(), ElfProblem>> {
-    let mut file = File::open(path)?;
+    check_open_file(&File::open(path)?)
+}
+
+/// [`check_file`] for a file already open (an in-memory copy, say); reads
+/// at offset 0 whatever the file's position.
+pub fn check_open_file(file: &File) -> io::Result<Result<(), ElfProblem>> {
     let len = file.metadata()?.len();
-    let mut head = Vec::new();
-    (&mut file).take(HEAD).read_to_end(&mut head)?;
+    let mut head = vec![0; usize::try_from(len.min(HEAD)).unwrap_or(0)];
+    file.read_exact_at(&mut head, 0)?;
     Ok(check_head(&head, len))
 }
 
@@ -149,6 +155,14 @@ mod tests {
         let checked = check_file(&path).unwrap();
         let _ = std::fs::remove_file(&path);
         assert!(matches!(checked, Err(ElfProblem::Truncated { .. })), "{checked:?}");
+    }
+
+    #[test]
+    fn checks_an_open_file_from_its_start() {
+        use std::io::{Seek, SeekFrom};
+        let mut file = File::open("/proc/self/exe").unwrap();
+        file.seek(SeekFrom::End(0)).unwrap();
+        assert_eq!(check_open_file(&file).unwrap(), Ok(()));
     }
 
     #[test]

@@ -2,20 +2,36 @@
 //!
 //! glibc's `dlopen` returns the already-open object when it is given a path
 //! it has opened before, even if the file was replaced, so every generation
-//! is loaded from its own copy in a private staging directory. The copy is
-//! unlinked once it is mapped, so a crash leaves nothing behind but the
-//! (empty) directory, which is removed at exit.
+//! is loaded from a copy of its own, under a path no loaded object has.
+//!
+//! The copy is an anonymous in-memory file (`memfd_create`), opened through
+//! `/proc/self/fd/N`: nothing is written to a file system (a read-only or
+//! `noexec` /tmp does not matter) and a crash leaves nothing behind. The
+//! library keeps that descriptor open while it is mapped, so the path names
+//! it alone. Where in-memory files are not available (`ENOSYS`/`EPERM`, or
+//! no /proc), copies go to a private directory under `staging_dir` instead,
+//! unlinked once mapped and removed at exit; such directories that a crashed
+//! server left behind are removed at start.
+//!
+//! Before copying, the library file is checked like sshd's `StrictModes`
+//! ([`super::trust`]), and the copy is read from the very file that was
+//! checked.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::elf::{self, ElfProblem};
 use super::generation::Generation;
-use crate::ffi::{priority, OpenError, OpenedLibrary};
+use super::trust::{self, Insecure};
+use crate::ffi::{identity, priority, process, OpenError, OpenedLibrary};
+
+/// The prefix of in-memory copies and of staging directories: what
+/// `/proc/PID/maps` shows for a mapped generation contains it.
+const COPY_PREFIX: &str = "pounce-host-";
 
 /// Why a library could not become a generation. Every message names the file
 /// the operator gave and says what to do.
@@ -27,6 +43,10 @@ pub enum LoadError {
     Directory { path: PathBuf },
     #[error("{}: cannot read it: {error}", .path.display())]
     Unreadable { path: PathBuf, error: io::Error },
+    #[error("{}: {problem}", .path.display())]
+    Insecure { path: PathBuf, problem: Insecure },
+    #[error("{}: the file was replaced while it was being checked, again and again; try again", .path.display())]
+    Unsettled { path: PathBuf },
     #[error(
         "{}: not a shared library ({problem}); give the .so that `cargo build` makes for a crate with crate-type = [\"cdylib\"]",
         .path.display()
@@ -34,6 +54,8 @@ pub enum LoadError {
     NotLibrary { path: PathBuf, problem: ElfProblem },
     #[error("{}: the library file is damaged ({problem}); rebuild it or copy it again", .path.display())]
     Damaged { path: PathBuf, problem: ElfProblem },
+    #[error("{}: cannot copy it into memory: {error}", .path.display())]
+    Memory { path: PathBuf, error: io::Error },
     #[error("{}: cannot copy it into the staging directory {}: {error}", .path.display(), .staging.display())]
     Stage { path: PathBuf, staging: PathBuf, error: io::Error },
     #[error("{}: {reason}", .path.display())]
@@ -50,13 +72,41 @@ pub enum LoadError {
     TimedOut { path: PathBuf, limit: Duration },
 }
 
+/// What a [`Loader`] needs to know.
+pub struct LoaderSettings {
+    /// The library file the operator gave.
+    pub source: PathBuf,
+    /// The app's settings, for its init.
+    pub app_args: Vec<(String, String)>,
+    pub max_log_level: u32,
+    /// How long an app's shutdown may wait for its threads.
+    pub unload_timeout: Duration,
+    /// Where copies go if in-memory files are not available.
+    pub staging_dir: PathBuf,
+    /// Skip the trust check ([`super::trust`]).
+    pub allow_insecure_library: bool,
+}
+
 /// Loads generations of one app library.
 pub struct Loader {
     source: PathBuf,
-    staging: StagingDir,
+    copies: Copies,
     settings: Vec<(String, String)>,
     max_log_level: u32,
     unload_timeout: Duration,
+    allow_insecure_library: bool,
+    server_uid: u32,
+    /// Numbers every copy: a failed load of generation N and its retry must
+    /// not share a name.
+    loads: AtomicU64,
+}
+
+/// Where the per-generation copies live.
+enum Copies {
+    /// Anonymous in-memory files.
+    Memory,
+    /// The fallback: files in a private directory.
+    Staging(StagingDir),
 }
 
 /// What a successful load took.
@@ -66,32 +116,60 @@ pub struct Loaded {
 }
 
 impl Loader {
-    pub fn new(
-        source: PathBuf,
-        settings: Vec<(String, String)>,
-        max_log_level: u32,
-        unload_timeout: Duration,
-    ) -> io::Result<Loader> {
-        Ok(Loader { source, staging: StagingDir::create()?, settings, max_log_level, unload_timeout })
+    /// Makes a loader; picks in-memory copies, or else creates the staging
+    /// directory (the only thing that can fail here).
+    pub fn new(settings: LoaderSettings) -> io::Result<Loader> {
+        let server_uid = identity::effective_uid();
+        let copies = match in_memory_copies() {
+            Ok(()) => Copies::Memory,
+            Err(reason) => {
+                let removed = remove_stale_staging(&settings.staging_dir, server_uid);
+                let staging = StagingDir::create(&settings.staging_dir)?;
+                tracing::warn!(
+                    staging_dir = %staging.path.display(),
+                    stale_removed = removed,
+                    "in-memory library copies are not available ({reason}); staging them in a directory instead"
+                );
+                Copies::Staging(staging)
+            }
+        };
+        Ok(Loader {
+            source: settings.source,
+            copies,
+            settings: settings.app_args,
+            max_log_level: settings.max_log_level,
+            unload_timeout: settings.unload_timeout,
+            allow_insecure_library: settings.allow_insecure_library,
+            server_uid,
+            loads: AtomicU64::new(0),
+        })
     }
 
     pub fn source(&self) -> &Path {
         &self.source
     }
 
-    /// Loads the library as generation `number`: copy it, check it, open
-    /// it, check the ABI, run the app's init. Blocking. The copy, check and
-    /// open run on a background-priority thread (a reload under load should
-    /// take CPU from requests as little as possible); the init runs on a
-    /// short-lived thread of normal priority, since the app's own runtime
-    /// threads inherit it.
+    /// The staging directory, when copies do not go to memory.
+    pub fn staging_dir(&self) -> Option<&Path> {
+        match &self.copies {
+            Copies::Memory => None,
+            Copies::Staging(staging) => Some(&staging.path),
+        }
+    }
+
+    /// Loads the library as generation `number`: check it, copy it, check
+    /// the copy, open it, check the ABI, run the app's init. Blocking. The
+    /// checks, copy and open run on a background-priority thread (a reload
+    /// under load should take CPU from requests as little as possible); the
+    /// init runs on a short-lived thread of normal priority, since the app's
+    /// own runtime threads inherit it.
     pub fn load(&self, number: u64) -> Result<Loaded, LoadError> {
         let started = Instant::now();
         check_source(&self.source)?;
         let app = std::thread::scope(|scope| {
             let opened = run_on_thread(scope, &self.source, format!("pounce-open-g{number}"), || {
                 priority::lower_this_thread();
-                self.stage_and_open(number)
+                self.copy_and_open(number)
             })??;
             run_on_thread(scope, &self.source, format!("pounce-init-g{number}"), || {
                 opened.init(&self.settings, self.max_log_level)
@@ -101,17 +179,70 @@ impl Loader {
         Ok(Loaded { generation: Generation::new(number, app, self.unload_timeout), duration: started.elapsed() })
     }
 
-    /// Copies the library into the staging directory, checks the copy (so a
-    /// file replaced meanwhile cannot mix two versions) and opens it.
-    fn stage_and_open(&self, number: u64) -> Result<OpenedLibrary, LoadError> {
-        let copy = self.staging.copy_in(&self.source, number)?;
-        let opened = check_elf(&self.source, &copy).and_then(|()| {
-            OpenedLibrary::open(&copy, number).map_err(|reason| LoadError::Open { path: self.source.clone(), reason })
-        });
-        // Mapped (or failed): the copy's name is no longer needed.
-        let _ = fs::remove_file(&copy);
-        opened
+    /// Copies the library, checks the copy (so a file replaced meanwhile
+    /// cannot mix two versions) and opens it.
+    fn copy_and_open(&self, number: u64) -> Result<OpenedLibrary, LoadError> {
+        let source = self.open_source()?;
+        let load = self.loads.fetch_add(1, Ordering::Relaxed);
+        let name = copy_name(&self.source, number, load);
+        let opened = |result: Result<OpenedLibrary, OpenError>| {
+            result.map_err(|reason| LoadError::Open { path: self.source.clone(), reason })
+        };
+        match &self.copies {
+            Copies::Memory => {
+                let copy = copy_to_memory(source, &name)
+                    .map_err(|error| LoadError::Memory { path: self.source.clone(), error })?;
+                check_elf(&self.source, &copy)?;
+                opened(OpenedLibrary::open_file(copy, number))
+            }
+            Copies::Staging(staging) => {
+                let path = staging.copy_in(source, &name).map_err(|error| LoadError::Stage {
+                    path: self.source.clone(),
+                    staging: staging.path.clone(),
+                    error,
+                })?;
+                let result = File::open(&path)
+                    .map_err(|error| LoadError::Unreadable { path: self.source.clone(), error })
+                    .and_then(|copy| check_elf(&self.source, &copy))
+                    .and_then(|()| opened(OpenedLibrary::open(&path, number)));
+                // Mapped (or failed): the copy's name is no longer needed.
+                let _ = fs::remove_file(&path);
+                result
+            }
+        }
     }
+
+    fn open_source(&self) -> Result<File, LoadError> {
+        open_library(&self.source, (!self.allow_insecure_library).then_some(self.server_uid))
+    }
+}
+
+/// Opens the library file at `path` and, with `trusted_by` (the server's
+/// uid; `None` under `--allow-insecure-library`), checks that only root or
+/// that user can change it. What is checked is the open file itself, at its
+/// canonical path, so a file renamed into place meanwhile is never loaded
+/// unchecked.
+pub fn open_library(path: &Path, trusted_by: Option<u32>) -> Result<File, LoadError> {
+    let unreadable = |error: io::Error| match error.kind() {
+        io::ErrorKind::NotFound => LoadError::Missing { path: path.to_owned() },
+        _ => LoadError::Unreadable { path: path.to_owned(), error },
+    };
+    // A deploy that renames a new file into place between the open and
+    // the look-up is retried; only a file replaced over and over fails.
+    for _ in 0..5 {
+        let file = File::open(path).map_err(unreadable)?;
+        let Some(server_uid) = trusted_by else { return Ok(file) };
+        let opened = file.metadata().map_err(unreadable)?;
+        let canonical = fs::canonicalize(path).map_err(unreadable)?;
+        let found = fs::metadata(&canonical).map_err(unreadable)?;
+        if (found.dev(), found.ino()) != (opened.dev(), opened.ino()) {
+            continue;
+        }
+        trust::check(&opened, &canonical, server_uid)
+            .map_err(|problem| LoadError::Insecure { path: path.to_owned(), problem })?;
+        return Ok(file);
+    }
+    Err(LoadError::Unsettled { path: path.to_owned() })
 }
 
 /// Runs `work` on a named scoped thread and waits for it.
@@ -125,11 +256,11 @@ fn run_on_thread<'scope, T: Send + 'scope>(
     thread.join().map_err(|_| LoadError::Crashed { path: source.to_owned() })
 }
 
-/// Checks the ELF headers of `file` (a copy of `source`, named in errors):
+/// Checks the ELF headers of `copy` (a copy of `source`, named in errors):
 /// a truncated file would SIGBUS after `dlopen`, anything else not ELF is
 /// not a library.
-pub fn check_elf(source: &Path, file: &Path) -> Result<(), LoadError> {
-    match elf::check_file(file) {
+pub fn check_elf(source: &Path, copy: &File) -> Result<(), LoadError> {
+    match elf::check_open_file(copy) {
         Err(error) => Err(LoadError::Unreadable { path: source.to_owned(), error }),
         Ok(Err(problem @ ElfProblem::Truncated { .. })) => Err(LoadError::Damaged { path: source.to_owned(), problem }),
         Ok(Err(problem)) => Err(LoadError::NotLibrary { path: source.to_owned(), problem }),
@@ -149,38 +280,117 @@ pub fn check_source(path: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The name of load number `load` of generation `number`, such as
+/// `pounce-host-g2-1-libapp.so`: unique in the process, and recognisable in
+/// `/proc/PID/maps` (as `/memfd:pounce-host-g2-1-libapp.so (deleted)`).
+fn copy_name(source: &Path, number: u64, load: u64) -> String {
+    let file = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "app.so".to_owned());
+    let mut name = format!("{COPY_PREFIX}g{number}-{load}-{file}");
+    // memfd names are at most 249 bytes.
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
+}
+
+/// Whether in-memory copies can be loaded: `memfd_create` works and
+/// `/proc/self/fd` shows its descriptor. `Err` says why not. Only a refusal
+/// counts (`ENOSYS`: a kernel without it; `EPERM`: a seccomp filter;
+/// `EACCES`, or `EINVAL` before Linux 6.6: `vm.memfd_noexec = 2`); other
+/// errors (out of descriptors, say) pass and would hit a staging copy too.
+fn in_memory_copies() -> Result<(), String> {
+    let probe = match process::memfd(&format!("{COPY_PREFIX}probe")) {
+        Ok(probe) => probe,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput
+            ) =>
+        {
+            return Err(format!("memfd_create: {e}"));
+        }
+        Err(_) => return Ok(()),
+    };
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&probe));
+    fs::metadata(&path).map(drop).map_err(|e| format!("{path}: {e}; is /proc mounted?"))
+}
+
+/// Copies the open library `source` into a new in-memory file named `name`
+/// (in the kernel: `io::copy` between files uses `copy_file_range` or
+/// `sendfile`).
+fn copy_to_memory(mut source: File, name: &str) -> io::Result<File> {
+    let mut copy = process::memfd(name)?;
+    io::copy(&mut source, &mut copy)?;
+    Ok(copy)
+}
+
+/// Removes the staging directories (`pounce-host-<pid>-*`) under `base` that
+/// belong to `uid` and whose process is gone: what a server that crashed or
+/// was killed left behind. Returns how many it removed.
+fn remove_stale_staging(base: &Path, uid: u32) -> usize {
+    let Ok(entries) = fs::read_dir(base) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(staging_pid) else { continue };
+        // Not followed if it is a symbolic link: only real directories.
+        let Ok(metadata) = entry.metadata() else { continue };
+        if !metadata.is_dir() || metadata.uid() != uid || identity::process_exists(pid) {
+            continue;
+        }
+        if fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The pid in a staging directory's name, `pounce-host-<pid>-<suffix>`.
+fn staging_pid(name: &str) -> Option<u32> {
+    let (pid, suffix) = name.strip_prefix(COPY_PREFIX)?.split_once('-')?;
+    if suffix.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 /// A private directory (mode 0700) for the per-generation copies, removed
 /// when the host exits.
 struct StagingDir {
     path: PathBuf,
-    /// Numbers every copy: a failed load of generation N and its retry must
-    /// not share a path, since glibc matches open objects by path.
-    copies: AtomicU64,
 }
 
 impl StagingDir {
-    fn create() -> io::Result<StagingDir> {
-        let base = std::env::temp_dir();
+    fn create(base: &Path) -> io::Result<StagingDir> {
         let pid = std::process::id();
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let path = base.join(format!("pounce-host-{pid}-{nanos:08x}"));
-        fs::DirBuilder::new().mode(0o700).create(&path)?;
-        Ok(StagingDir { path, copies: AtomicU64::new(0) })
+        let path = base.join(format!("{COPY_PREFIX}{pid}-{nanos:08x}"));
+        fs::DirBuilder::new().mode(0o700).create(&path).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot create the staging directory {}: {e}", path.display()))
+        })?;
+        Ok(StagingDir { path })
     }
 
-    /// Copies `source` to a name no earlier load used (in the kernel, with
-    /// `copy_file_range`, through `fs::copy`). The copy is written under a
-    /// temporary name and renamed, so the loader never sees a partial file.
-    fn copy_in(&self, source: &Path, number: u64) -> Result<PathBuf, LoadError> {
-        let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "app.so".to_owned());
-        let copy = self.copies.fetch_add(1, Ordering::Relaxed);
-        let target = self.path.join(format!("g{number}-{copy}-{name}"));
-        let partial = self.path.join(format!(".g{number}-{copy}-{name}.partial"));
-        fs::copy(source, &partial).and_then(|_| fs::rename(&partial, &target)).map_err(|e| {
+    /// Copies the open library `source` to `name` in the directory (in the
+    /// kernel, as [`copy_to_memory`]). The copy is written under a temporary
+    /// name and renamed, so the loader never sees a partial file.
+    fn copy_in(&self, mut source: File, name: &str) -> io::Result<PathBuf> {
+        let target = self.path.join(name);
+        let partial = self.path.join(format!(".{name}.partial"));
+        let copied = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+            .and_then(|mut copy| io::copy(&mut source, &mut copy))
+            .and_then(|_| fs::rename(&partial, &target));
+        if let Err(e) = copied {
             let _ = fs::remove_file(&partial);
-            LoadError::Stage { path: source.to_owned(), staging: self.path.clone(), error: e }
-        })?;
+            return Err(e);
+        }
         Ok(target)
     }
 }
@@ -188,5 +398,99 @@ impl StagingDir {
 impl Drop for StagingDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory of the test's own, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let path = std::env::temp_dir().join(format!("pounce-loader-test-{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir(&path).expect("temp dir is writable");
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A pid above the kernel's largest `pid_max` (2^22): never alive.
+    const DEAD_PID: u32 = 99_999_999;
+
+    #[test]
+    fn staging_directory_names_carry_the_pid() {
+        assert_eq!(staging_pid("pounce-host-42-0badcafe"), Some(42));
+        assert_eq!(staging_pid("pounce-host-42-"), None);
+        assert_eq!(staging_pid("pounce-host-42"), None);
+        assert_eq!(staging_pid("pounce-host-g1-0-libapp.so"), None);
+        assert_eq!(staging_pid("pounce-host--1-x"), None);
+        assert_eq!(staging_pid("other-42-x"), None);
+    }
+
+    #[test]
+    fn stale_staging_directories_of_dead_processes_are_removed() {
+        let scratch = Scratch::new("stale");
+        let uid = identity::effective_uid();
+        let dead = scratch.0.join(format!("pounce-host-{DEAD_PID}-0badcafe"));
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join("g1-0-libapp.so"), b"copy").unwrap();
+        let alive = scratch.0.join(format!("pounce-host-{}-0badcafe", std::process::id()));
+        let unrelated = scratch.0.join(format!("pounce-hostile-{DEAD_PID}-x"));
+        let a_file = scratch.0.join(format!("pounce-host-{DEAD_PID}-file"));
+        fs::create_dir(&alive).unwrap();
+        fs::create_dir(&unrelated).unwrap();
+        fs::write(&a_file, b"").unwrap();
+
+        assert_eq!(remove_stale_staging(&scratch.0, uid + 1), 0, "another user's directories are left alone");
+        assert!(dead.exists());
+        assert_eq!(remove_stale_staging(&scratch.0, uid), 1);
+        assert!(!dead.exists(), "the dead process's directory is gone");
+        assert!(alive.exists() && unrelated.exists() && a_file.exists(), "everything else stays");
+        assert_eq!(remove_stale_staging(&scratch.0.join("missing"), uid), 0);
+    }
+
+    #[test]
+    fn staging_copies_are_private_and_leave_nothing_when_dropped() {
+        let scratch = Scratch::new("staging");
+        let staging = StagingDir::create(&scratch.0).unwrap();
+        let name = staging.path.file_name().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(staging_pid(&name), Some(std::process::id()));
+        assert_eq!(fs::metadata(&staging.path).unwrap().mode() & 0o777, 0o700);
+        let copy = staging.copy_in(File::open("/proc/self/exe").unwrap(), "g1-0-app").unwrap();
+        assert_eq!(elf::check_file(&copy).unwrap(), Ok(()));
+        let path = staging.path.clone();
+        drop(staging);
+        assert!(!path.exists());
+        let missing = scratch.0.join("missing");
+        let error = StagingDir::create(&missing).err().expect("no such base directory");
+        assert!(error.to_string().contains("cannot create the staging directory"), "{error}");
+    }
+
+    #[test]
+    fn in_memory_copies_are_whole_and_named_for_the_maps() {
+        in_memory_copies().expect("memfd and /proc are available where the tests run");
+        let copy = copy_to_memory(File::open("/proc/self/exe").unwrap(), "pounce-host-g1-0-test").unwrap();
+        assert_eq!(elf::check_open_file(&copy).unwrap(), Ok(()));
+        assert_eq!(copy.metadata().unwrap().len(), fs::metadata("/proc/self/exe").unwrap().len());
+        let link = fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&copy))).unwrap();
+        assert!(link.to_string_lossy().starts_with("/memfd:pounce-host-g1-0-test"), "{}", link.display());
+    }
+
+    #[test]
+    fn copy_names_are_unique_and_bounded() {
+        let source = Path::new("/srv/app/libapp.so");
+        assert_eq!(copy_name(source, 2, 1), "pounce-host-g2-1-libapp.so");
+        assert_ne!(copy_name(source, 2, 1), copy_name(source, 2, 3));
+        let long = PathBuf::from(format!("/srv/{}.so", "é".repeat(300)));
+        assert!(copy_name(&long, 1, 0).len() <= 200);
     }
 }

@@ -1,6 +1,6 @@
-//! Generations: loading an app library (file checks, ELF check, staging
-//! copy, `dlopen`, ABI check, init), a library's bytes kept for later loads
-//! ([`snapshot`]), the [`Generation`] it becomes, the
+//! Generations: loading an app library (file checks, trust check, in-memory
+//! copy, ELF check, `dlopen`, ABI check, init), a library's bytes kept for
+//! later loads ([`snapshot`]), the [`Generation`] it becomes, the
 //! [`Current`] one new requests go to, and unloading a generation once its
 //! last lease is gone.
 //!
@@ -11,6 +11,7 @@ pub mod elf;
 mod generation;
 pub mod loader;
 pub mod snapshot;
+pub mod trust;
 mod unload;
 
 pub use current::Current;

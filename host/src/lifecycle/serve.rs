@@ -15,8 +15,8 @@ use super::{reload, shutdown};
 use crate::config::Config;
 use crate::front::listener::{self, BindError};
 use crate::front::{connections, Server};
-use crate::generations::loader::{LoadError, Loaded, Loader};
-use crate::generations::unload_guard;
+use crate::generations::loader::{LoadError, Loaded, Loader, LoaderSettings};
+use crate::generations::{trust, unload_guard};
 use crate::operations::{sd_notify, Event};
 
 /// Why `serve` could not start. The exit code tells them apart.
@@ -54,8 +54,17 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     if !unload_guard::is_enabled() {
         tracing::warn!("--unload-guard off: retired generations will stay mapped (see ARCHITECTURE.md)");
     }
-    let loader =
-        Arc::new(Loader::new(config.library.clone(), config.app_args.clone(), max_log_level, config.shutdown_timeout)?);
+    if config.allow_insecure_library {
+        tracing::warn!("{}", trust::TURNED_OFF);
+    }
+    let loader = Arc::new(Loader::new(LoaderSettings {
+        source: config.library.clone(),
+        app_args: config.app_args.clone(),
+        max_log_level,
+        unload_timeout: config.shutdown_timeout,
+        staging_dir: config.staging_dir.clone(),
+        allow_insecure_library: config.allow_insecure_library,
+    })?);
     let Some(first) = load_first(&loader, config.reload_timeout, &mut signals).await? else {
         return Ok(());
     };

@@ -184,7 +184,7 @@ impl Supervisor {
     /// Starts generation 1 and waits until all its workers serve; any
     /// failure ends the start-up (exit 3).
     async fn start_first(&mut self, received: &mut mpsc::UnboundedReceiver<Input>) -> Result<(), StartError> {
-        let snapshot = Arc::new(Snapshot::take(&self.config.library, 1)?);
+        let snapshot = Arc::new(Snapshot::take(&self.config.library, 1, self.config.allow_insecure_library)?);
         self.next_generation = 2;
         self.begin_reload(1, snapshot, false).map_err(|e| StartError::Workers(e.to_string()))?;
         let deadline = tokio::time::sleep(self.config.reload_timeout);
@@ -235,7 +235,7 @@ impl Supervisor {
         let serving = self.current_number();
         self.reporter.emit(Event::ReloadStarted { generation, serving, source: &self.config.library });
         let started = Instant::now();
-        let begun = Snapshot::take(&self.config.library, generation)
+        let begun = Snapshot::take(&self.config.library, generation, self.config.allow_insecure_library)
             .map_err(|e| e.to_string())
             .and_then(|snapshot| self.begin_reload(generation, Arc::new(snapshot), false).map_err(|e| e.to_string()));
         if let Err(reason) = begun {

@@ -26,7 +26,7 @@ use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENE
 use crate::config::Config;
 use crate::ffi::process::{inherited_fd, parent_pid};
 use crate::front::{connections, listener, Server};
-use crate::generations::loader::{LoadError, Loaded, Loader};
+use crate::generations::loader::{LoadError, Loaded, Loader, LoaderSettings};
 use crate::generations::unload_guard;
 use crate::lifecycle::serve::StartError;
 use crate::lifecycle::shutdown::{self, hard_deadline};
@@ -86,8 +86,18 @@ fn missing(what: &str, fd: i32) -> StartError {
 /// `reload_timeout` like any reload.
 async fn load(config: &Config, max_log_level: u32, generation: u64) -> Result<Loaded, LoadError> {
     let source = PathBuf::from(format!("/proc/self/fd/{LIBRARY_FD}"));
-    let loader = Loader::new(source.clone(), config.app_args.clone(), max_log_level, config.shutdown_timeout)
-        .map_err(|error| LoadError::Stage { path: source.clone(), staging: std::env::temp_dir(), error })?;
+    let settings = LoaderSettings {
+        source: source.clone(),
+        app_args: config.app_args.clone(),
+        max_log_level,
+        unload_timeout: config.shutdown_timeout,
+        staging_dir: config.staging_dir.clone(),
+        // The supervisor checked the file the snapshot was taken from; the
+        // snapshot itself is an in-memory file only this service holds.
+        allow_insecure_library: true,
+    };
+    let staging = config.staging_dir.clone();
+    let loader = Loader::new(settings).map_err(|error| LoadError::Stage { path: source.clone(), staging, error })?;
     let limit = config.reload_timeout;
     match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || loader.load(generation))).await {
         Ok(Ok(result)) => result,

@@ -1,6 +1,7 @@
 //! Memory across reloads: RSS (`VmRSS` in /proc/PID/status) and how many
 //! copies of the app library are mapped (distinct paths in /proc/PID/maps
-//! containing `/pounce-host-`, the staging directory's prefix).
+//! of pounce-host's copies: in-memory files `/memfd:pounce-host-*`, or files
+//! in a staging directory `.../pounce-host-<pid>-*/`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -64,7 +65,7 @@ fn parse_mapped_copies(maps: &str) -> usize {
         // The path is everything after the fifth field; it may contain
         // spaces (" (deleted)").
         .filter_map(|line| line.splitn(6, char::is_whitespace).nth(5).map(str::trim))
-        .filter(|path| path.contains("/pounce-host-"))
+        .filter(|path| path.starts_with("/memfd:pounce-host-") || path.contains("/pounce-host-"))
         .collect::<BTreeSet<_>>()
         .len()
 }
@@ -139,8 +140,11 @@ mod tests {
 7f0000200000-7f0000300000 r--p 00000000 08:01 789 /tmp/pounce-host-42-0badcafe/g2-1-libsample_app.so (deleted)
 7f0000300000-7f0000400000 rw-p 00000000 00:00 0
 7f0000400000-7f0000500000 r--p 00000000 08:01 999 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000500000-7f0000600000 r--p 00000000 00:01 1024 /memfd:pounce-host-g3-2-libsample_app.so (deleted)
+7f0000600000-7f0000700000 r-xp 00100000 00:01 1024 /memfd:pounce-host-g3-2-libsample_app.so (deleted)
+7f0000700000-7f0000800000 r--p 00000000 00:01 1025 /memfd:other-program (deleted)
 ";
-        assert_eq!(parse_mapped_copies(maps), 2);
+        assert_eq!(parse_mapped_copies(maps), 3);
         assert_eq!(mapped_copies(std::process::id() as i32).unwrap(), 0);
         assert!(rss_kib(std::process::id() as i32).unwrap()[0] > 0);
         assert!(open_fds(std::process::id() as i32).unwrap() >= 3);

@@ -457,7 +457,8 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
         // A pounce-host killed before it could clean up leaves its (empty)
-        // staging directory behind.
+        // staging directory behind, if it used one (only where in-memory
+        // copies are not available).
         let prefix = format!("pounce-host-{}-", self.child.id());
         if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
             for entry in entries.flatten() {
