@@ -40,6 +40,7 @@ pub fn route(req: &Request<'_>, path: &str) -> Option<Response> {
         "/fault/stack-overflow" => Some(Response::text(format!("depth {}\n", recurse(0)))),
         "/fault/exit" => std::process::exit(req.query_param("code").and_then(|c| c.parse().ok()).unwrap_or(7)),
         "/fault/block" => {
+            app_abi::tracing::info!(ms = ms(), "blocking the thread that polls this handler");
             std::thread::sleep(Duration::from_millis(ms()));
             Some(Response::text("blocked\n"))
         }

@@ -35,6 +35,9 @@ const MAX_WAIT_MS: u64 = 600_000;
 struct SampleApp {
     generation: u64,
     drain: DrainSignal,
+    /// `--app-arg drain_delay_ms=N`: `drain` blocks N ms (an app whose
+    /// drain hangs).
+    drain_delay: Duration,
     /// `--app-arg faults=on`: the `/fault/...` routes misbehave.
     faults: bool,
 }
@@ -42,11 +45,13 @@ struct SampleApp {
 impl App for SampleApp {
     /// Test knobs: `--app-arg fail_init=panic` makes init panic and any other
     /// value makes it fail; `--app-arg init_delay_ms=N` makes init take N ms
-    /// (to send a signal in the middle of a reload).
+    /// (to send a signal in the middle of a reload); `--app-arg
+    /// drain_delay_ms=N` makes `drain` block N ms.
     fn init(ctx: &InitContext) -> Result<Self, InitError> {
         if let Some(delay) = ctx.setting("init_delay_ms") {
             let ms: u64 =
                 delay.parse().map_err(|_| format!("init_delay_ms={delay:?} is not a number of milliseconds"))?;
+            tracing::info!(ms, "init waits before it returns");
             std::thread::sleep(Duration::from_millis(ms.min(MAX_WAIT_MS)));
         }
         match ctx.setting("fail_init") {
@@ -57,7 +62,12 @@ impl App for SampleApp {
         faults::built_in("init");
         tracing::info!(greeting = GREETING, "sample-app ready");
         let faults = ctx.setting("faults") == Some("on");
-        Ok(SampleApp { generation: ctx.generation(), drain: ctx.drain_signal(), faults })
+        let drain_delay = match ctx.setting("drain_delay_ms").map(str::parse::<u64>) {
+            Some(Ok(ms)) => Duration::from_millis(ms.min(MAX_WAIT_MS)),
+            Some(Err(_)) => return Err("drain_delay_ms is not a number of milliseconds".into()),
+            None => Duration::ZERO,
+        };
+        Ok(SampleApp { generation: ctx.generation(), drain: ctx.drain_signal(), drain_delay, faults })
     }
 
     async fn handle(&self, req: Request<'_>) -> Response {
@@ -87,6 +97,7 @@ impl App for SampleApp {
 
     fn drain(&self) {
         tracing::info!(generation = self.generation, "sample-app draining");
+        std::thread::sleep(self.drain_delay);
     }
 }
 
