@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -153,6 +154,13 @@ impl Server {
             .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
     }
 
+    /// Like [`Server::start`], with the server's `RLIMIT_NOFILE` (soft and
+    /// hard) set to `max_fds`, to run it out of file descriptors.
+    pub fn start_with_fd_limit(library: &Path, args: &[&str], max_fds: u64) -> Server {
+        Self::launch(library, args, &[], Some(max_fds))
+            .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
+    }
+
     /// Like [`Server::start`], but returns the exit status and log if the
     /// server exits instead of listening.
     pub fn try_start(library: &Path, args: &[&str]) -> Result<Server, (Option<ExitStatus>, String)> {
@@ -163,6 +171,15 @@ impl Server {
         library: &Path,
         args: &[&str],
         env: &[(&str, &str)],
+    ) -> Result<Server, (Option<ExitStatus>, String)> {
+        Self::launch(library, args, env, None)
+    }
+
+    fn launch(
+        library: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        max_fds: Option<u64>,
     ) -> Result<Server, (Option<ExitStatus>, String)> {
         let mut command = Command::new(host_binary());
         command
@@ -179,6 +196,17 @@ impl Server {
             }
         }
         command.envs(env.iter().copied());
+        if let Some(max_fds) = max_fds {
+            let limit = libc::rlimit { rlim_cur: max_fds as libc::rlim_t, rlim_max: max_fds as libc::rlim_t };
+            // SAFETY: runs in the forked child before exec; setrlimit is
+            // async-signal-safe and `limit` is a plain value copied in.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
         let mut child = command.spawn().expect("start pounce-host");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr piped");
@@ -254,6 +282,17 @@ impl Server {
             std::thread::sleep(Duration::from_millis(10));
         }
         None
+    }
+
+    /// How many file descriptors the server has open.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, Iterator::count)
+    }
+
+    /// The health endpoint's JSON, on a fresh connection.
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        let reply = get(self.addr, "/health").await?;
+        serde_json::from_slice(&reply.body).map_err(|e| format!("health is not JSON ({e}): {}", reply.text()))
     }
 
     /// Copies of the app library the server has mapped, counted from

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use super::values::{parse_app_arg, parse_duration, parse_size, LogFormat, Switch};
+use super::values::{parse_app_arg, parse_duration, parse_size, parse_timeout_or_off, LogFormat, Switch, TimeoutOrOff};
 
 /// Serve web apps compiled as cdylib plugins over HTTP, and swap in new app
 /// code while serving.
@@ -71,6 +71,12 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_BACKLOG", value_name = "N")]
     pub backlog: Option<u32>,
 
+    /// Most client connections open at once, from 1 to 1000000. At the
+    /// limit no more are accepted until one closes: new ones wait in the
+    /// listen backlog. Default: 10000.
+    #[arg(long, env = "POUNCE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
     /// After a reload, longest time the old generation may drain (finish its
     /// in-flight requests and streams) before what still runs in it is
     /// cancelled and it is released. Default: 30s.
@@ -98,6 +104,13 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub header_timeout: Option<Duration>,
 
+    /// Longest time a response may wait for its client to read any of it;
+    /// then its connection is closed, so a client that stopped reading
+    /// cannot keep a replaced generation loaded. `off` waits forever.
+    /// Default: 30s.
+    #[arg(long, env = "POUNCE_SEND_TIMEOUT", value_name = "DURATION", value_parser = parse_timeout_or_off)]
+    pub send_timeout: Option<TimeoutOrOff>,
+
     /// Largest request body accepted, e.g. 512KiB, 4MiB or 1MB.
     /// Default: 1MiB.
     #[arg(long, env = "POUNCE_MAX_BODY_SIZE", value_name = "SIZE", value_parser = parse_size)]
@@ -107,6 +120,12 @@ pub struct ServeArgs {
     /// (hyper's smallest read buffer) to 16MiB. Default: 64KiB.
     #[arg(long, env = "POUNCE_MAX_HEADER_SIZE", value_name = "SIZE", value_parser = parse_size)]
     pub max_header_size: Option<u64>,
+
+    /// Most concurrent requests (streams) on one HTTP/2 connection, from 1
+    /// to 1000000; sent to clients as SETTINGS_MAX_CONCURRENT_STREAMS.
+    /// Default: 200.
+    #[arg(long, env = "POUNCE_H2_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub h2_max_concurrent_streams: Option<u32>,
 
     /// Path of the built-in health endpoint, or `off` to disable it.
     /// Default: /health.
@@ -253,6 +272,7 @@ pub(crate) mod tests {
             "--max-body-size=4MiB",
             "--log-format=json",
             "--unload-guard=off",
+            "--send-timeout=off",
             "--app-arg=a=1",
             "--app-arg",
             "b=x=y",
@@ -263,6 +283,7 @@ pub(crate) mod tests {
         assert_eq!(args.max_body_size, Some(4 << 20));
         assert_eq!(args.log_format, Some(LogFormat::Json));
         assert_eq!(args.unload_guard, Some(Switch::Off));
+        assert_eq!(args.send_timeout, Some(TimeoutOrOff(None)));
         let expected = [("a", "1"), ("b", "x=y")].map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(args.app_args, expected);
     }
@@ -275,6 +296,8 @@ pub(crate) mod tests {
             "--max-body-size=1.5MiB",
             "--log-format=xml",
             "--unload-guard=maybe",
+            "--send-timeout=never",
+            "--max-connections=-1",
             "--app-arg=novalue",
             "--app-arg==x",
         ] {

@@ -30,6 +30,29 @@ impl From<Switch> for bool {
     }
 }
 
+/// A timeout that may be turned off: `off`, or a duration as
+/// [`parse_duration`] reads it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TimeoutOrOff(pub Option<Duration>);
+
+/// Shown in error messages the way the operator wrote it.
+impl std::fmt::Debug for TimeoutOrOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(duration) => write!(f, "{duration:?}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+/// Parses `off` or a duration.
+pub fn parse_timeout_or_off(text: &str) -> Result<TimeoutOrOff, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(TimeoutOrOff(None));
+    }
+    parse_duration(text).map(|duration| TimeoutOrOff(Some(duration))).map_err(|problem| format!("{problem}, or off"))
+}
+
 /// The app's settings reach it as `KEY=VALUE` strings, so a key can hold
 /// neither `=` nor be empty.
 pub fn check_app_key(key: &str) -> Result<(), String> {
@@ -200,6 +223,16 @@ mod tests {
         for (text, message) in cases {
             assert_eq!(parse_duration(text), Err(message), "{text:?}");
         }
+    }
+
+    #[test]
+    fn timeouts_parse_or_turn_off() {
+        assert_eq!(parse_timeout_or_off("off"), Ok(TimeoutOrOff(None)));
+        assert_eq!(parse_timeout_or_off(" OFF "), Ok(TimeoutOrOff(None)));
+        assert_eq!(parse_timeout_or_off("1.5s"), Ok(TimeoutOrOff(Some(Duration::from_millis(1500)))));
+        let message = parse_timeout_or_off("never").unwrap_err();
+        assert!(message.starts_with("invalid duration: ") && message.ends_with(", or off"), "{message}");
+        assert_eq!(format!("{:?}", TimeoutOrOff(None)), "off");
     }
 
     #[test]
