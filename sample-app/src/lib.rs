@@ -8,7 +8,7 @@
 //! | `GET /version` | the greeting fixed at build time (`SAMPLE_GREETING`) and the generation |
 //! | `GET /sleep?ms=N` | waits N ms (asynchronously), then `200` |
 //! | `GET /blocking?ms=N` | waits N ms on the generation's blocking pool, then `200` |
-//! | `GET /stream?chunks=N&interval_ms=M` | N server-sent events, one every M ms |
+//! | `GET /stream?chunks=N&interval_ms=M&size=B` | N server-sent events, one every M ms (`0`: as fast as the client reads), each after a comment line of B colons (default 0) |
 //! | `GET /events` | one event a second until the generation drains |
 //! | `POST /echo` | the request body back |
 //! | `GET /panic` | the handler panics (the client gets `500`) |
@@ -31,6 +31,9 @@ const GREETING: &str = match option_env!("SAMPLE_GREETING") {
 /// Longest wait `/sleep`, `/blocking` and `/stream` accept, so a typo cannot
 /// park a request for hours.
 const MAX_WAIT_MS: u64 = 600_000;
+
+/// Largest padding `/stream` puts before each event.
+const MAX_PADDING: usize = 1 << 20;
 
 struct SampleApp {
     generation: u64,
@@ -185,13 +188,22 @@ fn stream(req: &Request<'_>) -> Response {
         Ok(ms) => Duration::from_millis(ms),
         Err(bad) => return bad,
     };
+    let padding = match req.query_param("size").unwrap_or("0").parse::<usize>() {
+        Ok(n) if n <= MAX_PADDING => ":".repeat(n),
+        _ => return Response::text(format!("size must be a whole number up to {MAX_PADDING}\n")).with_status(400),
+    };
     let (response, body) = Response::channel("text/event-stream", 4);
     app_abi::tokio::spawn(async move {
         for n in 1..=chunks {
-            if n > 1 {
+            // `interval_ms=0`: as fast as the client reads.
+            if n > 1 && !interval.is_zero() {
                 sleep(interval).await;
             }
-            if body.send(format!("data: chunk {n} of {chunks}\n\n")).await.is_err() {
+            let event = match padding.is_empty() {
+                true => format!("data: chunk {n} of {chunks}\n\n"),
+                false => format!("{padding}\ndata: chunk {n} of {chunks}\n\n"),
+            };
+            if body.send(event).await.is_err() {
                 return;
             }
         }

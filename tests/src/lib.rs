@@ -232,6 +232,13 @@ impl Server {
             .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
     }
 
+    /// Like [`Server::start`], with the server's `RLIMIT_NOFILE` (soft and
+    /// hard) set to `max_fds`, to run it out of file descriptors.
+    pub fn start_with_fd_limit(library: &Path, args: &[&str], max_fds: u64) -> Server {
+        Self::try_start_command(library, args, &[], |command| limit_fds(command, max_fds))
+            .unwrap_or_else(|(status, logs)| panic!("server did not start ({status:?}):\n{logs}"))
+    }
+
     /// Like [`Server::start`], but returns the exit status and log if the
     /// server exits instead of listening.
     pub fn try_start(library: &Path, args: &[&str]) -> Result<Server, (Option<ExitStatus>, String)> {
@@ -372,6 +379,11 @@ impl Server {
         self.wait_for_health("status draining", |json| json["status"] == "draining").await
     }
 
+    /// How many file descriptors the server has open.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, Iterator::count)
+    }
+
     /// Copies of the app library the server has mapped, counted from
     /// `/proc/<pid>/maps`: distinct in-memory copies (`/memfd:pounce-host-*`)
     /// or staged files (`.../pounce-host-<pid>-*/...`).
@@ -447,6 +459,19 @@ pub fn deny_memfd(command: &mut Command) {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
+        });
+    }
+}
+
+/// Sets the child's `RLIMIT_NOFILE` (soft and hard) to `max_fds`.
+fn limit_fds(command: &mut Command, max_fds: u64) {
+    let limit = libc::rlimit { rlim_cur: max_fds as libc::rlim_t, rlim_max: max_fds as libc::rlim_t };
+    // SAFETY: runs in the forked child before exec; setrlimit is
+    // async-signal-safe and `limit` is a plain value copied in.
+    unsafe {
+        command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
         });
     }
 }

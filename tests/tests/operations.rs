@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use pounce_tests::{get, replace_file, sample_app, sample_variant, Server, TempDir};
+use pounce_tests::{get, replace_file, sample_app, sample_variant, Client, Server, TempDir};
 
 /// A unix datagram socket standing in for systemd's notify socket.
 struct FakeSystemd {
@@ -208,27 +208,32 @@ async fn metrics_count_traffic_and_reloads() {
     let dir = TempDir::new("metrics");
     let library = dir.join("libapp.so");
     replace_file(&sample_app(), &library);
-    let server = Server::start(&library, &["--metrics-path", "/metrics"]);
+    let server = Server::start(&library, &["--metrics-path", "/metrics", "--keep-alive-timeout", "60s"]);
+    // One connection for everything, so the open-connections gauge does not
+    // race the server noticing that earlier connections closed.
+    let mut client = Client::connect(server.addr).await.unwrap();
     for _ in 0..5 {
-        assert_eq!(get(server.addr, "/").await.unwrap().status, 200);
+        assert_eq!(client.get("/").await.unwrap().status, 200);
     }
-    assert_eq!(get(server.addr, "/nope").await.unwrap().status, 404);
-    assert_eq!(get(server.addr, "/panic").await.unwrap().status, 500);
+    assert_eq!(client.get("/nope").await.unwrap().status, 404);
+    assert_eq!(client.get("/panic").await.unwrap().status, 500);
     server.signal(libc::SIGHUP);
     assert!(server.wait_for_log("generation 2 published", Duration::from_secs(20)));
     std::fs::write(&library, b"garbage").unwrap();
     server.signal(libc::SIGHUP);
     assert!(server.wait_for_log("reload failed", Duration::from_secs(20)));
-    assert_eq!(get(server.addr, "/").await.unwrap().status, 200);
+    assert_eq!(client.get("/").await.unwrap().status, 200);
     assert!(server.wait_for_log("generation 1 retired", Duration::from_secs(20)));
 
-    let scrape = get(server.addr, "/metrics").await.unwrap();
+    let scrape = client.get("/metrics").await.unwrap();
     assert_eq!(scrape.status, 200);
     assert!(scrape.header("content-type").unwrap_or("").starts_with("application/openmetrics-text"));
     let text = scrape.text();
-    assert_eq!(sample(&text, r#"pounce_requests_total{class="2xx",generation="1"}"#), Some(5.0), "{text}");
-    assert_eq!(sample(&text, r#"pounce_requests_total{class="4xx",generation="1"}"#), Some(1.0), "{text}");
-    assert_eq!(sample(&text, r#"pounce_requests_total{class="5xx",generation="1"}"#), Some(1.0), "{text}");
+    // Generation 1 is retired: its series fold into `generation="retired"`.
+    assert_eq!(sample(&text, r#"pounce_requests_total{class="2xx",generation="retired"}"#), Some(5.0), "{text}");
+    assert_eq!(sample(&text, r#"pounce_requests_total{class="4xx",generation="retired"}"#), Some(1.0), "{text}");
+    assert_eq!(sample(&text, r#"pounce_requests_total{class="5xx",generation="retired"}"#), Some(1.0), "{text}");
+    assert!(!text.contains(r#"generation="1""#), "{text}");
     assert_eq!(sample(&text, r#"pounce_requests_total{class="2xx",generation="2"}"#), Some(1.0), "{text}");
     assert_eq!(sample(&text, r#"pounce_reloads_total{outcome="ok"}"#), Some(1.0), "{text}");
     assert_eq!(sample(&text, r#"pounce_reloads_total{outcome="failed"}"#), Some(1.0), "{text}");

@@ -8,12 +8,16 @@ use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
+use super::values::TimeoutOrOff;
+
 pub const PORTS: RangeInclusive<u16> = 0..=u16::MAX;
 pub const WORKERS: RangeInclusive<usize> = 1..=1024;
 pub const PROCESSES: RangeInclusive<usize> = 1..=1024;
 pub const RESTARTS: RangeInclusive<u32> = 1..=1000;
 /// `listen(2)` takes a C `int`.
 pub const BACKLOG: RangeInclusive<u32> = 1..=i32::MAX as u32;
+pub const MAX_CONNECTIONS: RangeInclusive<usize> = 1..=1_000_000;
+pub const H2_MAX_CONCURRENT_STREAMS: RangeInclusive<u32> = 1..=1_000_000;
 /// hyper's `max_buf_size` panics below 8 KiB; beyond 16 MiB a header limit
 /// no longer protects memory.
 pub const HEADER_SIZES: RangeInclusive<usize> = 8 << 10..=16 << 20;
@@ -67,6 +71,11 @@ pub fn check_timeout(duration: Duration) -> Result<Duration, String> {
     } else {
         Ok(duration)
     }
+}
+
+/// A timeout that may be `off`; if on, it must be greater than zero.
+pub fn check_timeout_or_off(timeout: TimeoutOrOff) -> Result<Option<Duration>, String> {
+    timeout.0.map(check_timeout).transpose().map_err(|problem| format!("{problem}, or off"))
 }
 
 pub fn check_header_size(bytes: u64) -> Result<usize, String> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use super::values::{
-    parse_app_arg, parse_duration, parse_optional_duration, parse_size, LogFormat, Mode, OptionalDuration, Switch,
+    parse_app_arg, parse_duration, parse_size, parse_timeout_or_off, LogFormat, Mode, Switch, TimeoutOrOff,
 };
 
 /// Serve web apps compiled as cdylib plugins over HTTP, and swap in new app
@@ -90,6 +90,12 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_BACKLOG", value_name = "N")]
     pub backlog: Option<u32>,
 
+    /// Most client connections open at once, from 1 to 1000000. At the
+    /// limit no more are accepted until one closes: new ones wait in the
+    /// listen backlog. Default: 10000.
+    #[arg(long, env = "POUNCE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
     /// After a reload, longest time the old generation may drain (finish its
     /// in-flight requests and streams) before what still runs in it is
     /// cancelled and it is released. Default: 30s.
@@ -117,6 +123,13 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub header_timeout: Option<Duration>,
 
+    /// Longest time a response may wait for its client to read any of it;
+    /// then its connection is closed, so a client that stopped reading
+    /// cannot keep a replaced generation loaded. `off` waits forever.
+    /// Default: 30s.
+    #[arg(long, env = "POUNCE_SEND_TIMEOUT", value_name = "DURATION", value_parser = parse_timeout_or_off)]
+    pub send_timeout: Option<TimeoutOrOff>,
+
     /// Largest request body accepted, e.g. 512KiB, 4MiB or 1MB.
     /// Default: 1MiB.
     #[arg(long, env = "POUNCE_MAX_BODY_SIZE", value_name = "SIZE", value_parser = parse_size)]
@@ -126,6 +139,12 @@ pub struct ServeArgs {
     /// (hyper's smallest read buffer) to 16MiB. Default: 64KiB.
     #[arg(long, env = "POUNCE_MAX_HEADER_SIZE", value_name = "SIZE", value_parser = parse_size)]
     pub max_header_size: Option<u64>,
+
+    /// Most concurrent requests (streams) on one HTTP/2 connection, from 1
+    /// to 1000000; sent to clients as SETTINGS_MAX_CONCURRENT_STREAMS.
+    /// Default: 200.
+    #[arg(long, env = "POUNCE_H2_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub h2_max_concurrent_streams: Option<u32>,
 
     /// Path of the built-in health endpoint, or `off` to disable it.
     /// Default: /health.
@@ -191,8 +210,8 @@ pub struct ServeArgs {
     /// Process mode: a worker whose event loop shows no progress for this
     /// long (a handler that spins or blocks every thread) is killed and
     /// replaced; `off` never kills. Default: 30s.
-    #[arg(long, env = "POUNCE_WORKER_TIMEOUT", value_name = "DURATION|off", value_parser = parse_optional_duration)]
-    pub worker_timeout: Option<OptionalDuration>,
+    #[arg(long, env = "POUNCE_WORKER_TIMEOUT", value_name = "DURATION|off", value_parser = parse_timeout_or_off)]
+    pub worker_timeout: Option<TimeoutOrOff>,
 
     /// Process mode: more worker restarts than this within --restart-window
     /// is a crash loop, and restarts back off (1s, 2s, 4s ... 30s) instead of
@@ -207,8 +226,8 @@ pub struct ServeArgs {
     /// Process mode: if workers of a generation crash 3 times within this
     /// long after its reload, go back to the previous generation's library;
     /// `off` never rolls back. Default: 30s.
-    #[arg(long, env = "POUNCE_ROLLBACK_WINDOW", value_name = "DURATION|off", value_parser = parse_optional_duration)]
-    pub rollback_window: Option<OptionalDuration>,
+    #[arg(long, env = "POUNCE_ROLLBACK_WINDOW", value_name = "DURATION|off", value_parser = parse_timeout_or_off)]
+    pub rollback_window: Option<TimeoutOrOff>,
 
     /// Keep app thread-local destructors from pinning retired generations in
     /// memory (see ARCHITECTURE.md). Turn off only if unloading misbehaves on
@@ -340,6 +359,7 @@ pub(crate) mod tests {
             "--unload-guard=off",
             "--allow-insecure-library",
             "--staging-dir=/var/tmp",
+            "--send-timeout=off",
             "--app-arg=a=1",
             "--app-arg",
             "b=x=y",
@@ -352,6 +372,7 @@ pub(crate) mod tests {
         assert_eq!(args.unload_guard, Some(Switch::Off));
         assert_eq!(args.allow_insecure_library, Some(Switch::On));
         assert_eq!(args.staging_dir, Some(PathBuf::from("/var/tmp")));
+        assert_eq!(args.send_timeout, Some(TimeoutOrOff(None)));
         let expected = [("a", "1"), ("b", "x=y")].map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(args.app_args, expected);
     }
@@ -365,6 +386,8 @@ pub(crate) mod tests {
             "--log-format=xml",
             "--unload-guard=maybe",
             "--allow-insecure-library=yes",
+            "--send-timeout=never",
+            "--max-connections=-1",
             "--app-arg=novalue",
             "--app-arg==x",
         ] {

@@ -7,18 +7,21 @@ use std::path::PathBuf;
 /// Top-level keys of the config file, listed in the unknown-key error.
 /// `library` is not among them: only the command line chooses which code
 /// runs.
-pub const FILE_KEYS: [&str; 29] = [
+pub const FILE_KEYS: [&str; 32] = [
     "host",
     "port",
     "workers",
     "backlog",
+    "max_connections",
     "reload_timeout",
     "shutdown_timeout",
     "request_timeout",
     "keep_alive_timeout",
     "header_timeout",
+    "send_timeout",
     "max_body_size",
     "max_header_size",
+    "h2_max_concurrent_streams",
     "health_path",
     "log_format",
     "log_level",

@@ -11,12 +11,13 @@ use clap::ValueEnum;
 use toml::Value;
 
 use super::checks::{
-    check_dir, check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range,
-    parse_host, range_problem, BACKLOG, PORTS, PROCESSES, RESTARTS, WORKERS,
+    check_dir, check_extensions, check_header_size, check_health_path, check_log_level, check_timeout,
+    check_timeout_or_off, in_range, parse_host, range_problem, BACKLOG, H2_MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS,
+    PORTS, PROCESSES, RESTARTS, WORKERS,
 };
 use super::error::{ConfigError, Origin};
 use super::layer::Layer;
-use super::values::{check_app_key, parse_duration, parse_optional_duration, parse_size, Switch};
+use super::values::{check_app_key, parse_duration, parse_size, parse_timeout_or_off, Switch};
 
 /// The config file's settings, or none if there is no config file.
 pub fn read_optional(path: Option<&Path>) -> Result<Layer, ConfigError> {
@@ -34,23 +35,28 @@ fn read(path: &Path) -> Result<Layer, ConfigError> {
             "port" => put(&mut layer.port, integer_in(value, &PORTS)),
             "workers" => put(&mut layer.workers, integer_in(value, &WORKERS)),
             "backlog" => put(&mut layer.backlog, integer_in(value, &BACKLOG)),
+            "max_connections" => put(&mut layer.max_connections, integer_in(value, &MAX_CONNECTIONS)),
             "reload_timeout" => put(&mut layer.reload_timeout, timeout(value)),
             "shutdown_timeout" => put(&mut layer.shutdown_timeout, timeout(value)),
             "request_timeout" => put(&mut layer.request_timeout, timeout(value)),
             "keep_alive_timeout" => put(&mut layer.keep_alive_timeout, timeout(value)),
             "header_timeout" => put(&mut layer.header_timeout, timeout(value)),
+            "send_timeout" => put(&mut layer.send_timeout, timeout_or_off(value)),
             "max_body_size" => put(&mut layer.max_body_size, size(value)),
             "max_header_size" => put(&mut layer.max_header_size, size(value).and_then(check_header_size)),
+            "h2_max_concurrent_streams" => {
+                put(&mut layer.h2_max_concurrent_streams, integer_in(value, &H2_MAX_CONCURRENT_STREAMS))
+            }
             "health_path" => put(&mut layer.health_path, text_of(value).and_then(check_health_path)),
             "log_format" => put(&mut layer.log_format, choice(value)),
             "log_level" => put(&mut layer.log_level, text_of(value).and_then(check_log_level)),
             "unload_guard" => put(&mut layer.unload_guard, switch(value)),
             "mode" => put(&mut layer.mode, choice(value)),
             "processes" => put(&mut layer.processes, integer_in(value, &PROCESSES)),
-            "worker_timeout" => put(&mut layer.worker_timeout, optional_timeout(value)),
+            "worker_timeout" => put(&mut layer.worker_timeout, timeout_or_off(value)),
             "max_restarts" => put(&mut layer.max_restarts, integer_in(value, &RESTARTS)),
             "restart_window" => put(&mut layer.restart_window, timeout(value)),
-            "rollback_window" => put(&mut layer.rollback_window, optional_timeout(value)),
+            "rollback_window" => put(&mut layer.rollback_window, timeout_or_off(value)),
             "reload" => put(&mut layer.reload, switch(value)),
             "reload_dir" => {
                 put(&mut layer.reload_dirs, list(value).map(|dirs| dirs.into_iter().map(PathBuf::from).collect()))
@@ -148,9 +154,8 @@ fn timeout(value: &Value) -> Result<Duration, String> {
     number_or_text(value).and_then(|text| parse_duration(&text)).and_then(check_timeout)
 }
 
-/// A timeout that may be `off`.
-fn optional_timeout(value: &Value) -> Result<Option<Duration>, String> {
-    number_or_text(value).and_then(|text| parse_optional_duration(&text)).map(|t| t.0)
+fn timeout_or_off(value: &Value) -> Result<Option<Duration>, String> {
+    number_or_text(value).and_then(|text| parse_timeout_or_off(&text)).and_then(check_timeout_or_off)
 }
 
 fn size(value: &Value) -> Result<u64, String> {

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::checks::{
-    check_dir, check_extensions, check_header_size, check_health_path, check_log_level, check_timeout, in_range,
-    BACKLOG, PROCESSES, RESTARTS, WORKERS,
+    check_dir, check_extensions, check_header_size, check_health_path, check_log_level, check_timeout,
+    check_timeout_or_off, in_range, BACKLOG, H2_MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, PROCESSES, RESTARTS, WORKERS,
 };
 use super::cli::ServeArgs;
 use super::error::{ConfigError, Origin};
@@ -22,13 +22,17 @@ pub struct Layer {
     pub port: Option<u16>,
     pub workers: Option<usize>,
     pub backlog: Option<u32>,
+    pub max_connections: Option<usize>,
     pub reload_timeout: Option<Duration>,
     pub shutdown_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub keep_alive_timeout: Option<Duration>,
     pub header_timeout: Option<Duration>,
+    /// `Some(None)` means explicitly turned off.
+    pub send_timeout: Option<Option<Duration>>,
     pub max_body_size: Option<u64>,
     pub max_header_size: Option<usize>,
+    pub h2_max_concurrent_streams: Option<u32>,
     /// `Some(None)` means explicitly turned off.
     pub health_path: Option<Option<String>>,
     pub log_format: Option<LogFormat>,
@@ -59,23 +63,28 @@ impl Layer {
             port: args.port,
             workers: flag("workers", args.workers, |n| in_range(n, &WORKERS))?,
             backlog: flag("backlog", args.backlog, |n| in_range(n, &BACKLOG))?,
+            max_connections: flag("max_connections", args.max_connections, |n| in_range(n, &MAX_CONNECTIONS))?,
             reload_timeout: flag("reload_timeout", args.reload_timeout, check_timeout)?,
             shutdown_timeout: flag("shutdown_timeout", args.shutdown_timeout, check_timeout)?,
             request_timeout: flag("request_timeout", args.request_timeout, check_timeout)?,
             keep_alive_timeout: flag("keep_alive_timeout", args.keep_alive_timeout, check_timeout)?,
             header_timeout: flag("header_timeout", args.header_timeout, check_timeout)?,
+            send_timeout: flag("send_timeout", args.send_timeout, check_timeout_or_off)?,
             max_body_size: args.max_body_size,
             max_header_size: flag("max_header_size", args.max_header_size, check_header_size)?,
+            h2_max_concurrent_streams: flag("h2_max_concurrent_streams", args.h2_max_concurrent_streams, |n| {
+                in_range(n, &H2_MAX_CONCURRENT_STREAMS)
+            })?,
             health_path: flag("health_path", args.health_path, check_health_path)?,
             log_format: args.log_format,
             log_level: flag("log_level", args.log_level, check_log_level)?,
             unload_guard: args.unload_guard.map(bool::from),
             mode: args.mode,
             processes: flag("processes", args.processes, |n| in_range(n, &PROCESSES))?,
-            worker_timeout: args.worker_timeout.map(|t| t.0),
+            worker_timeout: flag("worker_timeout", args.worker_timeout, check_timeout_or_off)?,
             max_restarts: flag("max_restarts", args.max_restarts, |n| in_range(n, &RESTARTS))?,
             restart_window: flag("restart_window", args.restart_window, check_timeout)?,
-            rollback_window: args.rollback_window.map(|t| t.0),
+            rollback_window: flag("rollback_window", args.rollback_window, check_timeout_or_off)?,
             app_args: args.app_args,
             reload: args.reload.map(bool::from),
             reload_dirs: (!args.reload_dir.is_empty()).then_some(args.reload_dir),

@@ -28,13 +28,16 @@ use layer::Layer;
 const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const DEFAULT_PORT: u16 = 8000;
 const DEFAULT_BACKLOG: u32 = 2048;
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_BODY_SIZE: u64 = 1 << 20;
 const DEFAULT_MAX_HEADER_SIZE: usize = 64 << 10;
+const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 200;
 const DEFAULT_HEALTH_PATH: &str = "/health";
 const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,13 +53,18 @@ pub struct Config {
     pub port: u16,
     pub workers: usize,
     pub backlog: u32,
+    /// Connections open at once; at the limit, no more are accepted.
+    pub max_connections: usize,
     pub reload_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub request_timeout: Duration,
     pub keep_alive_timeout: Duration,
     pub header_timeout: Duration,
+    /// `None` when turned off.
+    pub send_timeout: Option<Duration>,
     pub max_body_size: u64,
     pub max_header_size: usize,
+    pub h2_max_concurrent_streams: u32,
     /// `None` when the health endpoint is turned off.
     pub health_path: Option<String>,
     pub log_format: LogFormat,
@@ -137,13 +145,19 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
         port: flags.port.or(file.port).unwrap_or(DEFAULT_PORT),
         workers: flags.workers.or(file.workers).unwrap_or_else(|| available_cpus(&WORKERS)),
         backlog: flags.backlog.or(file.backlog).unwrap_or(DEFAULT_BACKLOG),
+        max_connections: flags.max_connections.or(file.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS),
         reload_timeout: flags.reload_timeout.or(file.reload_timeout).unwrap_or(DEFAULT_RELOAD_TIMEOUT),
         shutdown_timeout: flags.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
         request_timeout: flags.request_timeout.or(file.request_timeout).unwrap_or(DEFAULT_REQUEST_TIMEOUT),
         keep_alive_timeout: flags.keep_alive_timeout.or(file.keep_alive_timeout).unwrap_or(DEFAULT_KEEP_ALIVE_TIMEOUT),
         header_timeout: flags.header_timeout.or(file.header_timeout).unwrap_or(DEFAULT_HEADER_TIMEOUT),
+        send_timeout: flags.send_timeout.or(file.send_timeout).unwrap_or(Some(DEFAULT_SEND_TIMEOUT)),
         max_body_size: flags.max_body_size.or(file.max_body_size).unwrap_or(DEFAULT_MAX_BODY_SIZE),
         max_header_size: flags.max_header_size.or(file.max_header_size).unwrap_or(DEFAULT_MAX_HEADER_SIZE),
+        h2_max_concurrent_streams: flags
+            .h2_max_concurrent_streams
+            .or(file.h2_max_concurrent_streams)
+            .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
         health_path: flags.health_path.or(file.health_path).unwrap_or_else(|| Some(DEFAULT_HEALTH_PATH.to_owned())),
         log_format: flags.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         log_level: flags.log_level.or(file.log_level).unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
@@ -269,13 +283,16 @@ mod tests {
         assert_eq!(config.port, 8000);
         assert!(WORKERS.contains(&config.workers));
         assert_eq!(config.backlog, 2048);
+        assert_eq!(config.max_connections, 10_000);
         assert_eq!(config.reload_timeout, Duration::from_secs(30));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(config.request_timeout, Duration::from_secs(30));
         assert_eq!(config.keep_alive_timeout, Duration::from_secs(5));
         assert_eq!(config.header_timeout, Duration::from_secs(10));
+        assert_eq!(config.send_timeout, Some(Duration::from_secs(30)));
         assert_eq!(config.max_body_size, 1 << 20);
         assert_eq!(config.max_header_size, 64 << 10);
+        assert_eq!(config.h2_max_concurrent_streams, 200);
         assert_eq!(config.health_path.as_deref(), Some("/health"));
         assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(config.log_level, "info");
@@ -292,13 +309,16 @@ mod tests {
             "--port=0",
             "--workers=3",
             "--backlog=16",
+            "--max-connections=7",
             "--reload-timeout=1m",
             "--shutdown-timeout=2s",
             "--request-timeout=250ms",
             "--keep-alive-timeout=1",
             "--header-timeout=3s",
+            "--send-timeout=off",
             "--max-body-size=0",
             "--max-header-size=8KiB",
+            "--h2-max-concurrent-streams=5",
             "--health-path=off",
             "--log-format=json",
             "--log-level=pounce_host=debug,warn",
@@ -311,13 +331,16 @@ mod tests {
         assert_eq!(config.port, 0);
         assert_eq!(config.workers, 3);
         assert_eq!(config.backlog, 16);
+        assert_eq!(config.max_connections, 7);
         assert_eq!(config.reload_timeout, Duration::from_secs(60));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(2));
         assert_eq!(config.request_timeout, Duration::from_millis(250));
         assert_eq!(config.keep_alive_timeout, Duration::from_secs(1));
         assert_eq!(config.header_timeout, Duration::from_secs(3));
+        assert_eq!(config.send_timeout, None);
         assert_eq!(config.max_body_size, 0);
         assert_eq!(config.max_header_size, 8192);
+        assert_eq!(config.h2_max_concurrent_streams, 5);
         assert_eq!(config.health_path, None);
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level, "pounce_host=debug,warn");
@@ -352,13 +375,16 @@ mod tests {
             port = 9000
             workers = 2
             backlog = 128
+            max_connections = 500
             reload_timeout = "45s"
             shutdown_timeout = 20
             request_timeout = 1.5
             keep_alive_timeout = "500ms"
             header_timeout = "1m"
+            send_timeout = "2s"
             max_body_size = "4MiB"
             max_header_size = 16384
+            h2_max_concurrent_streams = 64
             health_path = "/healthz"
             log_format = "json"
             log_level = "debug"
@@ -377,13 +403,16 @@ mod tests {
         assert_eq!(config.port, 9000);
         assert_eq!(config.workers, 2);
         assert_eq!(config.backlog, 128);
+        assert_eq!(config.max_connections, 500);
         assert_eq!(config.reload_timeout, Duration::from_secs(45));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(20));
         assert_eq!(config.request_timeout, Duration::from_millis(1500));
         assert_eq!(config.keep_alive_timeout, Duration::from_millis(500));
         assert_eq!(config.header_timeout, Duration::from_secs(60));
+        assert_eq!(config.send_timeout, Some(Duration::from_secs(2)));
         assert_eq!(config.max_body_size, 4 << 20);
         assert_eq!(config.max_header_size, 16384);
+        assert_eq!(config.h2_max_concurrent_streams, 64);
         assert_eq!(config.health_path.as_deref(), Some("/healthz"));
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level, "debug");
@@ -397,9 +426,10 @@ mod tests {
 
     #[test]
     fn file_accepts_off_spellings() {
-        let toml = "health_path = \"off\"\nunload_guard = \"off\"\n";
+        let toml = "health_path = \"off\"\nunload_guard = \"off\"\nsend_timeout = \"off\"\n";
         let config = config_with_file("off", toml, &[]).unwrap();
         assert_eq!(config.health_path, None);
+        assert_eq!(config.send_timeout, None);
         assert!(!config.unload_guard);
     }
 
@@ -525,6 +555,11 @@ mod tests {
             ("workers = 0", "workers = 0: out of range: expected an integer from 1 to 1024"),
             ("workers = -1", "workers = -1: out of range"),
             ("backlog = 0", "backlog = 0: out of range: expected an integer from 1 to"),
+            ("max_connections = 0", "max_connections = 0: out of range: expected an integer from 1 to 1000000"),
+            ("max_connections = 1000001", "max_connections = 1000001: out of range"),
+            ("h2_max_concurrent_streams = 0", "h2_max_concurrent_streams = 0: out of range: expected an integer"),
+            ("send_timeout = 0", "send_timeout = 0: must be greater than zero: expected e.g. 500ms, 30s or 2m, or off"),
+            ("send_timeout = \"soon\"", "send_timeout = \"soon\": invalid duration: expected a number with a unit"),
             ("host = \"localhost\"", "host = \"localhost\": expected an IP address"),
             ("shutdown_timeout = 0", "shutdown_timeout = 0: must be greater than zero"),
             ("request_timeout = -3", "request_timeout = -3: invalid duration: must not be negative"),
@@ -566,6 +601,16 @@ mod tests {
             ("--workers=0", "--workers / POUNCE_WORKERS = 0: out of range: expected an integer from 1 to 1024"),
             ("--workers=1025", "--workers / POUNCE_WORKERS = 1025: out of range"),
             ("--backlog=0", "--backlog / POUNCE_BACKLOG = 0: out of range"),
+            (
+                "--max-connections=0",
+                "--max-connections / POUNCE_MAX_CONNECTIONS = 0: out of range: expected an integer",
+            ),
+            ("--max-connections=1000001", "--max-connections / POUNCE_MAX_CONNECTIONS = 1000001: out of range"),
+            (
+                "--h2-max-concurrent-streams=0",
+                "--h2-max-concurrent-streams / POUNCE_H2_MAX_CONCURRENT_STREAMS = 0: out of range",
+            ),
+            ("--send-timeout=0", "--send-timeout / POUNCE_SEND_TIMEOUT = 0ns: must be greater than zero"),
             ("--reload-timeout=0s", "--reload-timeout / POUNCE_RELOAD_TIMEOUT = 0ns: must be greater than zero"),
             ("--keep-alive-timeout=0", "--keep-alive-timeout / POUNCE_KEEP_ALIVE_TIMEOUT = 0ns: must be greater"),
             (
@@ -596,13 +641,16 @@ mod tests {
             port = 1
             workers = 1
             backlog = 1
+            max_connections = 1
             reload_timeout = 1
             shutdown_timeout = 1
             request_timeout = 1
             keep_alive_timeout = 1
             header_timeout = 1
+            send_timeout = "off"
             max_body_size = 1
             max_header_size = "8KiB"
+            h2_max_concurrent_streams = 1
             health_path = "/"
             log_format = "text"
             log_level = "warn"

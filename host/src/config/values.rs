@@ -18,22 +18,6 @@ pub enum Mode {
     Process,
 }
 
-/// A duration that may be turned off (`off`), such as `--worker-timeout`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OptionalDuration(pub Option<Duration>);
-
-/// Parses `off` or a duration (see [`parse_duration`]); zero is refused, as
-/// for every timeout.
-pub fn parse_optional_duration(text: &str) -> Result<OptionalDuration, String> {
-    if text.trim().eq_ignore_ascii_case("off") {
-        return Ok(OptionalDuration(None));
-    }
-    match parse_duration(text)? {
-        duration if duration.is_zero() => Err("must be greater than zero, or off".to_owned()),
-        duration => Ok(OptionalDuration(Some(duration))),
-    }
-}
-
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -55,6 +39,29 @@ impl From<Switch> for bool {
     fn from(switch: Switch) -> bool {
         switch == Switch::On
     }
+}
+
+/// A timeout that may be turned off: `off`, or a duration as
+/// [`parse_duration`] reads it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TimeoutOrOff(pub Option<Duration>);
+
+/// Shown in error messages the way the operator wrote it.
+impl std::fmt::Debug for TimeoutOrOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(duration) => write!(f, "{duration:?}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+/// Parses `off` or a duration.
+pub fn parse_timeout_or_off(text: &str) -> Result<TimeoutOrOff, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(TimeoutOrOff(None));
+    }
+    parse_duration(text).map(|duration| TimeoutOrOff(Some(duration))).map_err(|problem| format!("{problem}, or off"))
 }
 
 /// The app's settings reach it as `KEY=VALUE` strings, so a key can hold
@@ -227,6 +234,16 @@ mod tests {
         for (text, message) in cases {
             assert_eq!(parse_duration(text), Err(message), "{text:?}");
         }
+    }
+
+    #[test]
+    fn timeouts_parse_or_turn_off() {
+        assert_eq!(parse_timeout_or_off("off"), Ok(TimeoutOrOff(None)));
+        assert_eq!(parse_timeout_or_off(" OFF "), Ok(TimeoutOrOff(None)));
+        assert_eq!(parse_timeout_or_off("1.5s"), Ok(TimeoutOrOff(Some(Duration::from_millis(1500)))));
+        let message = parse_timeout_or_off("never").unwrap_err();
+        assert!(message.starts_with("invalid duration: ") && message.ends_with(", or off"), "{message}");
+        assert_eq!(format!("{:?}", TimeoutOrOff(None)), "off");
     }
 
     #[test]

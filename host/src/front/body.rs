@@ -4,7 +4,9 @@
 //! streamed app bodies. It carries the request's guards ([`Activity`] on its
 //! connection, [`InFlight`] in its generation), so a request counts as in
 //! flight until hyper drops its body: after the last byte is written, or
-//! when the connection fails.
+//! when the connection fails. Through the [`Activity`] it also tells its
+//! connection when a frame it handed out is waiting on the client
+//! (`send_timeout`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,7 +32,7 @@ pub enum BodyAborted {
 pub struct ResponseBody {
     kind: Kind,
     _in_flight: Option<InFlight>,
-    _activity: Option<Activity>,
+    activity: Option<Activity>,
     record: Option<Box<RequestRecord>>,
 }
 
@@ -43,7 +45,7 @@ impl ResponseBody {
     /// A complete body.
     pub fn full(bytes: Bytes, in_flight: Option<InFlight>) -> ResponseBody {
         let bytes = (!bytes.is_empty()).then_some(bytes);
-        ResponseBody { kind: Kind::Full(bytes), _in_flight: in_flight, _activity: None, record: None }
+        ResponseBody { kind: Kind::Full(bytes), _in_flight: in_flight, activity: None, record: None }
     }
 
     /// A body streamed from the app, cut short if its generation is retired
@@ -54,7 +56,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Stream { stream, retired },
             _in_flight: Some(in_flight),
-            _activity: None,
+            activity: None,
             record: None,
         }
     }
@@ -62,7 +64,7 @@ impl ResponseBody {
     /// Attaches the request's connection activity and its record (finished
     /// when this body is dropped).
     pub fn attach(&mut self, activity: Activity, record: Option<RequestRecord>) {
-        self._activity = Some(activity);
+        self.activity = Some(activity);
         self.record = record.map(Box::new);
     }
 }
@@ -81,6 +83,9 @@ impl http_body::Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         let this = self.get_mut();
+        if let Some(activity) = &mut this.activity {
+            activity.frame_asked();
+        }
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(Ok)),
             Kind::Stream { stream, retired } => {
@@ -90,8 +95,13 @@ impl http_body::Body for ResponseBody {
                 stream.poll_chunk(cx).map(|chunk| chunk.map(|c| c.map_err(|_| BodyAborted::StreamFailed)))
             }
         };
-        if let (Poll::Ready(Some(Ok(bytes))), Some(record)) = (&polled, &mut this.record) {
-            record.sent(bytes.len());
+        if let Poll::Ready(Some(Ok(bytes))) = &polled {
+            if let Some(record) = &mut this.record {
+                record.sent(bytes.len());
+            }
+            if let Some(activity) = &mut this.activity {
+                activity.frame_given();
+            }
         }
         polled.map(|chunk| chunk.map(|c| c.map(Frame::data)))
     }

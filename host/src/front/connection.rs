@@ -1,5 +1,5 @@
-//! One client connection: HTTP/1.1 or HTTP/2 (prior knowledge), its idle and
-//! header timeouts, and its part in a graceful shutdown.
+//! One client connection: HTTP/1.1 or HTTP/2 (prior knowledge), its idle,
+//! header and send timeouts, and its part in a graceful shutdown.
 //!
 //! A connection task waits on two things only: its hyper connection, and
 //! its [`Control`] (one atomic and a waker). Nothing else is polled when a
@@ -17,7 +17,18 @@
 //! - nothing arrived since the connection opened: closed after
 //!   `header_timeout` (a connection that never sends a request);
 //! - nothing arrived since the last response: closed after
-//!   `keep_alive_timeout`.
+//!   `keep_alive_timeout` (on HTTP/2, whatever frames arrive between
+//!   requests, such as the answers to hyper's keep-alive PINGs).
+//!
+//! And while a response is being sent (`send_timeout`): a response body
+//! that has handed hyper a frame, which hyper has not come back for the next
+//! one, is waiting on its client. If the connection makes no send progress
+//! for `send_timeout` meanwhile (hyper asks no body for its next frame and,
+//! on HTTP/1, the socket accepts no bytes), its client has stopped reading:
+//! the connection is closed, which drops the response and its generation's
+//! lease. On HTTP/2 only the body being asked for more counts: flow control
+//! stops a stream's data before the socket fills, while PINGs and other
+//! streams keep the socket writable.
 //!
 //! The sweep runs every [`SWEEP`], and activity is stamped with a clock of
 //! that resolution (rounded up), so a deadline is enforced never early and
@@ -106,15 +117,18 @@ impl Control {
 pub struct Rules {
     pub header_timeout: Duration,
     pub keep_alive_timeout: Duration,
+    /// `None`: a response may wait for its client forever.
+    pub send_timeout: Option<Duration>,
     shutting_down: AtomicBool,
     retiring: AtomicBool,
 }
 
 impl Rules {
-    pub fn new(header_timeout: Duration, keep_alive_timeout: Duration) -> Rules {
+    pub fn new(header_timeout: Duration, keep_alive_timeout: Duration, send_timeout: Option<Duration>) -> Rules {
         Rules {
             header_timeout,
             keep_alive_timeout,
+            send_timeout,
             shutting_down: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
         }
@@ -151,6 +165,14 @@ pub struct Connection {
     /// When bytes of the next request head started to arrive (coarse clock,
     /// ms), plus one; 0 when none are pending.
     head_since_ms: AtomicU64,
+    /// Response bodies that handed hyper a frame and were not asked for
+    /// the next one yet: their response waits on the client.
+    sending: AtomicUsize,
+    /// When sending last made progress (coarse clock, ms).
+    sent_ms: AtomicU64,
+    /// Whether the connection speaks HTTP/2 (socket writes are no sign
+    /// that a response moves; see the module docs).
+    http2: AtomicBool,
     /// The generation of the latest app request on this connection.
     generation: AtomicU64,
     /// Accepted during a shutdown: answered `503`, not asked to finish.
@@ -191,6 +213,41 @@ impl Connection {
         self.deadline().is_some_and(|deadline| deadline <= now)
     }
 
+    /// The send timeout, if a response has waited on its client, with no
+    /// send progress, for that long at `now` (and the connection is not
+    /// already closing).
+    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        let timeout = self.rules.send_timeout?;
+        let waiting = self.sending.load(Ordering::Acquire) > 0;
+        let stalled = waiting && Self::at(self.sent_ms.load(Ordering::Acquire)) + timeout <= now;
+        (stalled && self.control.state.load(Ordering::Acquire) < CLOSE).then_some(timeout)
+    }
+
+    /// The generation of the latest app request on this connection (0: none).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the connection speaks HTTP/2.
+    pub fn speaks_http2(&self) {
+        if !self.http2.load(Ordering::Relaxed) {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Sending moved on: a body was asked for more, or (HTTP/1) the socket
+    /// took bytes.
+    fn send_progressed(&self) {
+        self.sent_ms.store(stamp_ms(), Ordering::Release);
+    }
+
+    /// The socket took bytes: progress, if a response waits to be written.
+    fn wrote(&self) {
+        if self.sending.load(Ordering::Relaxed) > 0 && !self.http2.load(Ordering::Relaxed) {
+            self.send_progressed();
+        }
+    }
+
     fn at(ms: u64) -> Instant {
         coarse_clock().epoch + Duration::from_millis(ms)
     }
@@ -212,8 +269,14 @@ impl Connection {
     }
 
     /// Bytes arrived: if no request is in flight, a request head has begun.
+    /// Not on a connection known to speak HTTP/2: between its requests,
+    /// frames such as the answers to the keep-alive PINGs arrive, and its
+    /// idle time is bounded by `keep_alive_timeout` anyway.
     fn bytes_arrived(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0 && self.head_since_ms.load(Ordering::Relaxed) == 0 {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since_ms.load(Ordering::Relaxed) == 0
+            && !self.http2.load(Ordering::Relaxed)
+        {
             self.head_since_ms.store(stamp_ms() + 1, Ordering::Release);
         }
     }
@@ -236,9 +299,20 @@ impl AsyncRead for Watched {
     }
 }
 
+/// The socket, noting when it takes bytes (send progress, for `send_timeout`).
+impl Watched {
+    fn written(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(1..)) = polled {
+            self.connection.wrote();
+        }
+        polled
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.written(polled)
     }
 
     fn poll_write_vectored(
@@ -246,7 +320,8 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.written(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -267,6 +342,9 @@ impl AsyncWrite for Watched {
 /// keeps the connection from counting as idle.
 pub struct Activity {
     connection: Arc<Connection>,
+    /// The response body handed hyper a frame and was not asked for the
+    /// next one yet.
+    waiting: bool,
 }
 
 impl Activity {
@@ -274,12 +352,33 @@ impl Activity {
         connection.in_flight.fetch_add(1, Ordering::AcqRel);
         connection.requests.fetch_add(1, Ordering::Relaxed);
         connection.head_since_ms.store(0, Ordering::Release);
-        Activity { connection }
+        Activity { connection, waiting: false }
+    }
+
+    /// hyper asks the response body for its next frame: the last one is
+    /// written, or buffered.
+    pub fn frame_asked(&mut self) {
+        if self.waiting {
+            self.waiting = false;
+            self.connection.sending.fetch_sub(1, Ordering::AcqRel);
+            self.connection.send_progressed();
+        }
+    }
+
+    /// The response body handed hyper a frame: until hyper asks for the
+    /// next one, the response waits on the client.
+    pub fn frame_given(&mut self) {
+        if !self.waiting {
+            self.waiting = true;
+            self.connection.send_progressed();
+            self.connection.sending.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
 impl Drop for Activity {
     fn drop(&mut self) {
+        self.frame_asked();
         let connection = &self.connection;
         connection.idle_since_ms.store(stamp_ms(), Ordering::Release);
         connection.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -303,6 +402,9 @@ impl Connection {
             requests: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(stamp_ms()),
             head_since_ms: AtomicU64::new(0),
+            sending: AtomicUsize::new(0),
+            sent_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             control: Control { state: AtomicU8::new(SERVE), waker: AtomicWaker::new() },
         }
@@ -352,5 +454,98 @@ pub async fn serve<S, B>(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn connection(send_timeout: Option<Duration>) -> Arc<Connection> {
+        let rules = Rules::new(Duration::from_secs(10), Duration::from_secs(5), send_timeout);
+        Arc::new(Connection::new(SocketAddr::from(([127, 0, 0, 1], 1)), Arc::new(rules)))
+    }
+
+    /// When the connection counts as stalled unless sending progresses.
+    fn stalls_at(connection: &Connection) -> Instant {
+        Connection::at(connection.sent_ms.load(Ordering::Acquire)) + SECOND
+    }
+
+    /// Moves the coarse clock on by a few milliseconds.
+    fn advance() {
+        let before = tick();
+        while Instant::now() < before + Duration::from_millis(3) {
+            std::thread::yield_now();
+        }
+        tick();
+    }
+
+    #[test]
+    fn a_response_waiting_on_its_client_stalls_after_send_timeout() {
+        let connection = connection(Some(SECOND));
+        let mut activity = Activity::start(connection.clone());
+        let far = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(connection.stalled_for(far), None, "no frame handed out yet");
+        activity.frame_given();
+        let at = stalls_at(&connection);
+        assert_eq!(connection.stalled_for(at - Duration::from_millis(1)), None);
+        assert_eq!(connection.stalled_for(at), Some(SECOND));
+        activity.frame_asked();
+        assert_eq!(connection.stalled_for(far), None, "hyper came back for more: the app is the slow one");
+        activity.frame_given();
+        drop(activity);
+        assert_eq!(connection.stalled_for(far), None, "a dropped body waits on nobody");
+        assert_eq!(connection.sending.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn socket_writes_count_as_progress_on_http1_only() {
+        let connection = connection(Some(SECOND));
+        let mut activity = Activity::start(connection.clone());
+        activity.frame_given();
+        let first = stalls_at(&connection);
+        advance();
+        connection.wrote();
+        assert!(stalls_at(&connection) > first, "HTTP/1: the socket took bytes of the response");
+        assert_eq!(connection.stalled_for(first), None);
+
+        connection.speaks_http2();
+        let second = stalls_at(&connection);
+        advance();
+        connection.wrote();
+        assert_eq!(stalls_at(&connection), second, "HTTP/2: PINGs and other streams move the socket too");
+        drop(activity);
+    }
+
+    #[test]
+    fn http2_frames_between_requests_keep_the_keep_alive_deadline() {
+        let connection = connection(None);
+        connection.bytes_arrived();
+        assert!(connection.head_since_ms.load(Ordering::Acquire) > 0, "HTTP/1: a request head has begun");
+        drop(Activity::start(connection.clone()));
+        connection.speaks_http2();
+        connection.bytes_arrived();
+        assert_eq!(connection.head_since_ms.load(Ordering::Acquire), 0, "HTTP/2: a PING's answer, say");
+    }
+
+    #[test]
+    fn send_timeout_off_never_stalls() {
+        let connection = connection(None);
+        let mut activity = Activity::start(connection.clone());
+        activity.frame_given();
+        assert_eq!(connection.stalled_for(Instant::now() + Duration::from_secs(3600)), None);
+    }
+
+    #[test]
+    fn a_closing_connection_is_not_reported_twice() {
+        let connection = connection(Some(SECOND));
+        let mut activity = Activity::start(connection.clone());
+        activity.frame_given();
+        let at = stalls_at(&connection);
+        assert_eq!(connection.stalled_for(at), Some(SECOND));
+        connection.close();
+        assert_eq!(connection.stalled_for(at), None);
     }
 }

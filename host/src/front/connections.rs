@@ -1,16 +1,21 @@
-//! The registry of open connections: how many there are, asking them all to
-//! finish (shutdown) or close (force, or a retired generation's leftovers),
-//! and the sweep that closes those past an idle or header deadline.
+//! The registry of open connections: how many there are, how many may be
+//! (`max_connections`: a permit per connection, held until its task ends),
+//! asking them all to finish (shutdown) or close (force, or a retired
+//! generation's leftovers), and the sweep that closes those past an idle or
+//! header deadline, or whose client stopped reading (`send_timeout`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::connection::{self, Connection, Rules};
+use crate::config::format_duration;
 
 pub struct Connections {
     rules: Arc<Rules>,
+    /// One permit per connection that may be open (`max_connections`).
+    admission: Arc<Semaphore>,
     /// Every open connection (forgotten once it is dropped).
     open: Mutex<Vec<Weak<Connection>>>,
     count: AtomicUsize,
@@ -19,9 +24,10 @@ pub struct Connections {
 }
 
 impl Connections {
-    pub fn new(rules: Rules) -> Connections {
+    pub fn new(rules: Rules, max_connections: usize) -> Connections {
         Connections {
             rules: Arc::new(rules),
+            admission: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
             open: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
             all_closed: Notify::new(),
@@ -29,15 +35,30 @@ impl Connections {
         }
     }
 
-    /// Registers a connection from `peer`, just accepted; it counts as open
-    /// until the returned [`Open`] guard is dropped.
-    pub fn accepted(self: &Arc<Self>, peer: std::net::SocketAddr) -> (Arc<Connection>, Open) {
+    /// Room for one more connection, if there is some now.
+    pub fn try_admit(&self) -> Option<Admission> {
+        self.admission.clone().try_acquire_owned().ok().map(|permit| Admission { _permit: permit })
+    }
+
+    /// Room for one more connection, once a connection closes.
+    pub async fn admit(&self) -> Admission {
+        match self.admission.clone().acquire_owned().await {
+            Ok(permit) => Admission { _permit: permit },
+            // The semaphore is never closed.
+            Err(_) => unreachable!("the connection semaphore was closed"),
+        }
+    }
+
+    /// Registers a connection from `peer`, just accepted into the room
+    /// `admission` holds; it counts as open (and keeps that room) until the
+    /// returned [`Open`] guard is dropped.
+    pub fn accepted(self: &Arc<Self>, peer: std::net::SocketAddr, admission: Admission) -> (Arc<Connection>, Open) {
         self.count.fetch_add(1, Ordering::AcqRel);
         let connection = Arc::new(Connection::new(peer, self.rules.clone()));
         let mut open = lock(&self.open);
         open.retain(|c| c.strong_count() > 0);
         open.push(Arc::downgrade(&connection));
-        (connection, Open { registry: self.clone() })
+        (connection, Open { registry: self.clone(), _admission: admission })
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -114,9 +135,15 @@ impl Connections {
     }
 }
 
+/// Room for one connection under `max_connections`.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+}
+
 /// Counts a connection as open until its task ends.
 pub struct Open {
     registry: Arc<Connections>,
+    _admission: Admission,
 }
 
 impl Drop for Open {
@@ -127,7 +154,8 @@ impl Drop for Open {
     }
 }
 
-/// Closes connections past their idle or header deadline, every
+/// Closes connections past their idle or header deadline, and those whose
+/// client read nothing of a response for `send_timeout`, every
 /// [`connection::SWEEP`].
 pub async fn sweep(registry: Arc<Connections>) {
     let mut ticks = tokio::time::interval(connection::SWEEP);
@@ -137,6 +165,14 @@ pub async fn sweep(registry: Arc<Connections>) {
         let now = connection::tick();
         for connection in registry.open_connections() {
             if connection.is_expired(now) {
+                connection.close();
+            } else if let Some(timeout) = connection.stalled_for(now) {
+                tracing::info!(
+                    peer = %connection.peer,
+                    generation = connection.generation(),
+                    "closing a connection whose client read nothing of its response for send_timeout ({})",
+                    format_duration(timeout)
+                );
                 connection.close();
             }
         }

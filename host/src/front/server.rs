@@ -3,8 +3,9 @@
 //! and takes the health snapshot that needs all of them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use super::connection::Rules;
@@ -25,10 +26,10 @@ pub struct Server {
 
 impl Server {
     pub fn new(config: Config, first: Generation) -> Server {
-        let rules = Rules::new(config.header_timeout, config.keep_alive_timeout);
+        let rules = Rules::new(config.header_timeout, config.keep_alive_timeout, config.send_timeout);
         Server {
             current: Current::new(first),
-            connections: Arc::new(Connections::new(rules)),
+            connections: Arc::new(Connections::new(rules, config.max_connections)),
             reporter: Reporter::new(config.metrics_path.is_some()),
             http: http_builder(&config),
             config,
@@ -53,11 +54,32 @@ impl Server {
     }
 }
 
+/// How often an HTTP/2 connection PINGs its client to check it is still
+/// there...
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// ...and how long the client has to answer before the connection is closed.
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams an HTTP/2 client may make the server reset (malformed requests
+/// and the like) before it gets GOAWAY: hyper's default, pinned here so a
+/// dependency update cannot silently lift it (RUSTSEC-2024-0003).
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
 /// hyper's own header-read timer is off: it would arm a timer for every
-/// request, and `connection` enforces `header_timeout` without one.
+/// request, and `connection` enforces `header_timeout` without one. HTTP/2
+/// gets a timer for its keep-alive PINGs (one per connection, not per
+/// request). Rapid reset (CVE-2023-44487): hyper's default limit on streams
+/// a client resets before they are answered (`max_pending_accept_reset_streams`,
+/// h2's 20) stays in force.
 fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true).header_read_timeout(None).max_buf_size(config.max_header_size);
-    builder.http2().max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX));
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX))
+        .max_concurrent_streams(config.h2_max_concurrent_streams)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     builder
 }

@@ -33,6 +33,9 @@ pub async fn handle(
     connection: Arc<Connection>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let activity = Activity::start(connection.clone());
+    if request.version() == http::Version::HTTP_2 {
+        connection.speaks_http2();
+    }
     let mut record = RequestRecord::start(&server, request.method(), request.uri().path());
     let (mut response, generation) = answer(request, &server, &connection).await;
     if let Some(record) = &mut record {

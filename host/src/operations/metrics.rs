@@ -5,8 +5,15 @@
 //! flight, connections, generation, draining) are read from the server's
 //! state when scraped, so the request path pays for nothing it does not
 //! need. With metrics off, nothing here runs.
+//!
+//! Request series are kept per live generation only: when a generation is
+//! retired, its counts move to `generation="retired"` (so totals never go
+//! backwards) and its series are removed, so a server that reloads for
+//! months keeps a handful of series, not one set per reload.
 
+use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -28,10 +35,60 @@ impl EncodeLabelValue for StatusClass {
     }
 }
 
+/// The generation that answered (`0`: the host itself), or `retired` for
+/// the counts of every retired generation together.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum GenerationLabel {
+    Number(u64),
+    Retired,
+}
+
+impl EncodeLabelValue for GenerationLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        match self {
+            GenerationLabel::Number(n) => fmt::Write::write_fmt(encoder, format_args!("{n}")),
+            GenerationLabel::Retired => fmt::Write::write_str(encoder, "retired"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     class: StatusClass,
-    generation: u64,
+    generation: GenerationLabel,
+}
+
+/// Status classes a response can have (`StatusCode` is 100..=999); 0 for
+/// safety.
+const STATUS_CLASSES: std::ops::RangeInclusive<u16> = 0..=9;
+
+/// The retired generations. Generations are published with consecutive
+/// numbers from 1 and all but the current one retire, so this is "every
+/// number below `below`" plus the few retired out of order.
+#[derive(Debug)]
+struct Retired {
+    below: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Retired {
+    fn new() -> Retired {
+        Retired { below: 1, above: BTreeSet::new() }
+    }
+
+    fn contains(&self, generation: u64) -> bool {
+        generation != 0 && (generation < self.below || self.above.contains(&generation))
+    }
+
+    fn insert(&mut self, generation: u64) {
+        if generation < self.below {
+            return;
+        }
+        self.above.insert(generation);
+        while self.above.remove(&self.below) {
+            self.below += 1;
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +111,11 @@ struct DrainLabels {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    /// Held for reading while a request is counted or the exposition is
+    /// written, for writing while a generation's series are folded, so no
+    /// request is counted into a removed series and no scrape sees a count
+    /// twice.
+    retired: RwLock<Retired>,
     request_duration: Histogram,
     reloads: Family<OutcomeLabels, Counter>,
     reload_duration: Histogram,
@@ -111,6 +173,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            retired: RwLock::new(Retired::new()),
             request_duration,
             reloads,
             reload_duration,
@@ -123,9 +186,31 @@ impl Metrics {
     }
 
     pub fn request(&self, status: u16, generation: u64, duration: Duration) {
+        let retired = read(&self.retired);
+        let generation =
+            if retired.contains(generation) { GenerationLabel::Retired } else { GenerationLabel::Number(generation) };
         let labels = RequestLabels { class: StatusClass(status / 100), generation };
         self.requests.get_or_create(&labels).inc();
+        drop(retired);
         self.request_duration.observe(duration.as_secs_f64());
+    }
+
+    /// `generation` was retired: its request counts move to
+    /// `generation="retired"` and its series go. Requests of it that end
+    /// later are counted there too.
+    pub fn retire(&self, generation: u64) {
+        let mut retired = write(&self.retired);
+        if generation == 0 || retired.contains(generation) {
+            return;
+        }
+        retired.insert(generation);
+        for class in STATUS_CLASSES.map(StatusClass) {
+            let labels = RequestLabels { class, generation: GenerationLabel::Number(generation) };
+            let Some(count) = self.requests.get(&labels).map(|counter| counter.get()) else { continue };
+            let into = RequestLabels { class, generation: GenerationLabel::Retired };
+            self.requests.get_or_create(&into).inc_by(count);
+            self.requests.remove(&labels);
+        }
     }
 
     pub fn reload(&self, ok: bool, duration: Duration) {
@@ -146,6 +231,7 @@ impl Metrics {
         self.generation.set(as_gauge(snapshot.generation));
         self.draining.set(as_gauge(snapshot.draining as u64));
         let mut text = String::new();
+        let _consistent = read(&self.retired);
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text.clear();
         }
@@ -155,3 +241,79 @@ impl Metrics {
 
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            shutting_down: false,
+            generation: 1,
+            uptime: Duration::ZERO,
+            in_flight: 0,
+            connections: 0,
+            draining: 0,
+            last_reload: None,
+            service: None,
+        }
+    }
+
+    /// The `pounce_requests_total` samples of an exposition, as `labels value`.
+    fn request_lines(metrics: &Metrics) -> Vec<String> {
+        let mut lines: Vec<String> = metrics
+            .render(&snapshot())
+            .lines()
+            .filter_map(|line| line.strip_prefix("pounce_requests_total"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn retired_generations_fold_into_one_series_that_keeps_the_totals() {
+        let metrics = Metrics::new();
+        let ms = Duration::from_millis(1);
+        for (status, generation) in [(200, 1), (200, 1), (404, 1), (200, 2), (503, 0), (200, 3)] {
+            metrics.request(status, generation, ms);
+        }
+        metrics.retire(1);
+        metrics.retire(2);
+        metrics.retire(2);
+        metrics.retire(0);
+        // A request of a retired generation that ends late.
+        metrics.request(500, 1, ms);
+        assert_eq!(
+            request_lines(&metrics),
+            [
+                r#"{class="2xx",generation="3"} 1"#,
+                r#"{class="2xx",generation="retired"} 3"#,
+                r#"{class="4xx",generation="retired"} 1"#,
+                r#"{class="5xx",generation="0"} 1"#,
+                r#"{class="5xx",generation="retired"} 1"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn generations_retired_out_of_order_are_remembered_compactly() {
+        let mut retired = Retired::new();
+        for generation in [2, 4, 1] {
+            retired.insert(generation);
+        }
+        assert!(retired.contains(1) && retired.contains(2) && retired.contains(4));
+        assert!(!retired.contains(0) && !retired.contains(3) && !retired.contains(5));
+        assert_eq!((retired.below, retired.above.len()), (3, 1));
+        retired.insert(3);
+        assert_eq!((retired.below, retired.above.len()), (5, 0));
+    }
+}

@@ -1,5 +1,6 @@
 //! The [`Reporter`]: where every lifecycle [`Event`] goes. It logs the
-//! event, tells systemd, counts it in the metrics and keeps the last
+//! event, tells systemd, counts it in the metrics (a retired generation's
+//! request series fold into `generation="retired"`) and keeps the last
 //! reload's outcome for the health endpoint.
 
 use std::sync::Mutex;
@@ -81,7 +82,10 @@ impl Reporter {
                 *lock(&self.last_reload) = Some(report("failed", serving, Some(reason.to_owned()), total));
                 self.count(|m| m.reload(false, total));
             }
-            Event::GenerationRetired { drain, timed_out, .. } => self.count(|m| m.drained(drain, timed_out)),
+            Event::GenerationRetired { generation, drain, timed_out } => self.count(|m| {
+                m.drained(drain, timed_out);
+                m.retire(generation);
+            }),
             _ => {}
         }
         self.tell_systemd(&event);
