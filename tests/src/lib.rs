@@ -188,6 +188,20 @@ fn sample_built_with(setting: &str, value: &str) -> PathBuf {
     built
 }
 
+/// A library whose ELF constructor writes through a null pointer: it
+/// crashes whoever `dlopen`s it, before any app code is called. Built with
+/// `cc` into `dir`.
+pub fn crashing_constructor_library(dir: &TempDir) -> PathBuf {
+    let source = dir.join("ctor.c");
+    std::fs::write(&source, "__attribute__((constructor)) static void boom(void) { *(volatile int *)0 = 1; }\n")
+        .expect("write C source");
+    let library = dir.join("libctor.so");
+    let status =
+        Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&library).arg(&source).status().expect("cc runs");
+    assert!(status.success(), "cc failed");
+    library
+}
+
 /// Replaces `dest` with a copy of `source` (mode 0644) the way a linker or
 /// deploy does: write a new file, then rename it over the old one (a new
 /// inode).

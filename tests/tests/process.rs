@@ -3,30 +3,18 @@
 //! crash), real signals, HTTP over loopback.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pounce_tests::{get, replace_file, sample_app, sample_fault_variant, Client, Reply, Server, TempDir};
+use pounce_tests::{
+    crashing_constructor_library, get, replace_file, sample_app, sample_fault_variant, Client, Reply, Server, TempDir,
+};
 
 const PROCESS_MODE: [&str; 6] = ["--mode", "process", "--processes", "2", "--app-arg", "faults=on"];
 
 fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     PROCESS_MODE.iter().copied().chain(extra.iter().copied()).collect()
-}
-
-/// A library whose ELF constructor writes through a null pointer: it
-/// crashes whoever `dlopen`s it, before any app code is called.
-fn constructor_crash(dir: &TempDir) -> PathBuf {
-    let source = dir.join("ctor.c");
-    std::fs::write(&source, "__attribute__((constructor)) static void boom(void) { *(volatile int *)0 = 1; }\n")
-        .expect("write C source");
-    let library = dir.join("libctor.so");
-    let status =
-        Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&library).arg(&source).status().expect("cc runs");
-    assert!(status.success(), "cc failed");
-    library
 }
 
 /// The library the server serves, in a directory of its own so a test can
@@ -41,6 +29,20 @@ fn deployed(dir: &TempDir) -> PathBuf {
 fn get_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> Option<Result<Reply, String>> {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async { tokio::time::timeout(limit, get(addr, path)).await.ok() })
+}
+
+/// The first health answer that satisfies `ready`, asking for at most 10 s:
+/// each answer comes from one worker, which learns the service's state from
+/// the supervisor a moment after it changes.
+fn health_until(server: &Server, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = health(server);
+        if ready(&health) || Instant::now() > deadline {
+            return health;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn health(server: &Server) -> serde_json::Value {
@@ -176,7 +178,8 @@ fn each_kind_of_crash_costs_only_the_dead_workers_connections() {
     println!("4 crashes under load: {ok} requests answered, {failed} failed (on the dead workers' connections)");
     // At most the requests in flight on the dead workers' connections: one per client per crash.
     assert!(failed <= 4 * 4, "{failed} requests failed");
-    assert_eq!(health(&server)["service"]["restarts"], 4);
+    let health = health_until(&server, |h| h["service"]["restarts"] == 4);
+    assert_eq!(health["service"]["restarts"], 4, "{health}");
 }
 
 #[test]
@@ -186,7 +189,7 @@ fn a_crash_in_the_new_librarys_constructor_or_init_keeps_the_old_generation_serv
     let server = Server::start(&library, &args(&[]));
     let load = Load::start(&server, 2);
     assert!(load.wait_for_progress(20, Duration::from_secs(10)), "load runs");
-    for (n, bad) in [constructor_crash(&dir), sample_fault_variant("init-segfault")].iter().enumerate() {
+    for (n, bad) in [crashing_constructor_library(&dir), sample_fault_variant("init-segfault")].iter().enumerate() {
         replace_file(bad, &library);
         server.signal(libc::SIGHUP);
         let failed = server.wait_for_log_count("event=\"reload_failed\"", n + 1, Duration::from_secs(20));
@@ -197,7 +200,7 @@ fn a_crash_in_the_new_librarys_constructor_or_init_keeps_the_old_generation_serv
     let (ok, failed) = load.finish();
     println!("two crashing deploys: {ok} requests answered, {failed} failed");
     assert_eq!(failed, 0);
-    let health = health(&server);
+    let health = health_until(&server, |h| h["last_reload"]["outcome"] == "failed");
     assert_eq!(health["generation"], 1);
     assert_eq!(health["last_reload"]["outcome"], "failed");
 }
@@ -218,7 +221,7 @@ fn a_generation_that_crashes_right_after_its_reload_is_rolled_back() {
     assert!(server.count_logs("event=\"rolling_back\"") > 0, "{}", server.logs());
     assert!(server.wait_for_log_count("event=\"generation_loaded\"", 2, Duration::from_secs(20)), "{}", server.logs());
     assert!(answers_within(&server, Duration::from_secs(5)).is_some(), "old code answers again");
-    let health = health(&server);
+    let health = health_until(&server, |h| h["generation"] == 3);
     assert_eq!(health["generation"], 3, "{health}");
     assert_eq!(health["service"]["rollbacks"], 1, "{health}");
     assert!(server.logs().contains("rolling back to the library of generation 1, as generation 3"));
@@ -313,7 +316,7 @@ fn no_worker_outlives_a_killed_supervisor() {
 #[test]
 fn process_mode_start_up_errors_name_the_problem() {
     let dir = TempDir::new("process-start");
-    let crash = constructor_crash(&dir);
+    let crash = crashing_constructor_library(&dir);
     let Err((status, logs)) = Server::try_start(&crash, &args(&[])) else { panic!("started with a crashing library") };
     assert_eq!(status.and_then(|s| s.code()), Some(3), "{logs}");
     assert!(logs.contains("cannot start the workers") && logs.contains("SIGSEGV"), "{logs}");

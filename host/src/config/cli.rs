@@ -194,6 +194,13 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_ACCESS_LOG", value_name = "on|off")]
     pub access_log: Option<Switch>,
 
+    /// Thread mode: before a reload loads a new library into the serving
+    /// process, load it and run its init and shutdown in a short-lived child
+    /// process (`pounce-host check`), so a library that crashes in its
+    /// constructor or init is rejected and never mapped here. Default: on.
+    #[arg(long, env = "POUNCE_PREFLIGHT", value_name = "on|off")]
+    pub preflight: Option<Switch>,
+
     /// Where app code runs: `thread` (in this process, on its worker
     /// threads) or `process` (in supervised worker processes, so a crash,
     /// hang or exit in app code never takes the service down). Default:

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Top-level keys of the config file, listed in the unknown-key error.
 /// `library` is not among them: only the command line chooses which code
 /// runs.
-pub const FILE_KEYS: [&str; 32] = [
+pub const FILE_KEYS: [&str; 33] = [
     "host",
     "port",
     "workers",
@@ -31,6 +31,7 @@ pub const FILE_KEYS: [&str; 32] = [
     "reload_include",
     "metrics_path",
     "access_log",
+    "preflight",
     "mode",
     "processes",
     "worker_timeout",

@@ -64,6 +64,7 @@ fn read(path: &Path) -> Result<Layer, ConfigError> {
             "reload_include" => put(&mut layer.reload_include, list(value).and_then(check_extensions)),
             "metrics_path" => put(&mut layer.metrics_path, text_of(value).and_then(check_health_path)),
             "access_log" => put(&mut layer.access_log, switch(value)),
+            "preflight" => put(&mut layer.preflight, switch(value)),
             "allow_insecure_library" => put(&mut layer.allow_insecure_library, switch(value)),
             "staging_dir" => put(&mut layer.staging_dir, text_of(value).map(PathBuf::from).and_then(check_dir)),
             "app" => {

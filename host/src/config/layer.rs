@@ -51,6 +51,7 @@ pub struct Layer {
     pub reload_include: Option<Vec<String>>,
     pub metrics_path: Option<Option<String>>,
     pub access_log: Option<bool>,
+    pub preflight: Option<bool>,
     pub allow_insecure_library: Option<bool>,
     pub staging_dir: Option<PathBuf>,
 }
@@ -91,6 +92,7 @@ impl Layer {
             reload_include: flag("reload_include", non_empty(args.reload_include), check_extensions)?,
             metrics_path: flag("metrics_path", args.metrics_path, check_health_path)?,
             access_log: args.access_log.map(bool::from),
+            preflight: args.preflight.map(bool::from),
             allow_insecure_library: args.allow_insecure_library.map(bool::from),
             staging_dir: flag("staging_dir", args.staging_dir, check_dir)?,
         })

@@ -90,6 +90,8 @@ pub struct Config {
     pub reload_include: Vec<String>,
     pub metrics_path: Option<String>,
     pub access_log: bool,
+    /// Thread mode: load a new library in a child process before a reload.
+    pub preflight: bool,
     /// Load a library that users other than root and the server's could
     /// change (see `generations::trust`).
     pub allow_insecure_library: bool,
@@ -174,6 +176,7 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
         reload_include: flags.reload_include.or(file.reload_include).unwrap_or_default(),
         metrics_path: flags.metrics_path.or(file.metrics_path).unwrap_or(None),
         access_log: flags.access_log.or(file.access_log).unwrap_or(false),
+        preflight: flags.preflight.or(file.preflight).unwrap_or(true),
         allow_insecure_library: flags.allow_insecure_library.or(file.allow_insecure_library).unwrap_or(false),
         staging_dir: flags.staging_dir.or(file.staging_dir).unwrap_or_else(std::env::temp_dir),
     }
@@ -281,6 +284,7 @@ mod tests {
         assert_eq!(config.library, PathBuf::from("app.so"));
         assert_eq!(config.host, DEFAULT_HOST);
         assert_eq!(config.port, 8000);
+        assert!(config.preflight);
         assert!(WORKERS.contains(&config.workers));
         assert_eq!(config.backlog, 2048);
         assert_eq!(config.max_connections, 10_000);
@@ -660,6 +664,7 @@ mod tests {
             reload_include = ".html,.css"
             metrics_path = "/metrics"
             access_log = "on"
+            preflight = "off"
             mode = "thread"
             processes = 1
             worker_timeout = "off"

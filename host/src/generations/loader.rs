@@ -70,6 +70,11 @@ pub enum LoadError {
         crate::config::format_duration(*.limit)
     )]
     TimedOut { path: PathBuf, limit: Duration },
+    #[error(
+        "{}: loading it in a preflight process failed: {reason}; it was not loaded into the serving process",
+        .path.display()
+    )]
+    Preflight { path: PathBuf, reason: String },
 }
 
 /// What a [`Loader`] needs to know.
@@ -164,12 +169,26 @@ impl Loader {
     /// init runs on a short-lived thread of normal priority, since the app's
     /// own runtime threads inherit it.
     pub fn load(&self, number: u64) -> Result<Loaded, LoadError> {
-        let started = Instant::now();
         check_source(&self.source)?;
+        self.load_with(number, || self.open_source())
+    }
+
+    /// Loads generation `number` from `bytes`, an open copy of the library
+    /// (already checked: a preflighted snapshot), rather than from the file.
+    pub fn load_from(&self, number: u64, bytes: File) -> Result<Loaded, LoadError> {
+        self.load_with(number, || Ok(bytes))
+    }
+
+    fn load_with(
+        &self,
+        number: u64,
+        source: impl FnOnce() -> Result<File, LoadError> + Send,
+    ) -> Result<Loaded, LoadError> {
+        let started = Instant::now();
         let app = std::thread::scope(|scope| {
             let opened = run_on_thread(scope, &self.source, format!("pounce-open-g{number}"), || {
                 priority::lower_this_thread();
-                self.copy_and_open(number)
+                self.copy_and_open(number, source()?)
             })??;
             run_on_thread(scope, &self.source, format!("pounce-init-g{number}"), || {
                 opened.init(&self.settings, self.max_log_level)
@@ -181,8 +200,7 @@ impl Loader {
 
     /// Copies the library, checks the copy (so a file replaced meanwhile
     /// cannot mix two versions) and opens it.
-    fn copy_and_open(&self, number: u64) -> Result<OpenedLibrary, LoadError> {
-        let source = self.open_source()?;
+    fn copy_and_open(&self, number: u64, source: File) -> Result<OpenedLibrary, LoadError> {
         let load = self.loads.fetch_add(1, Ordering::Relaxed);
         let name = copy_name(&self.source, number, load);
         let opened = |result: Result<OpenedLibrary, OpenError>| {

@@ -38,6 +38,11 @@ impl Snapshot {
         Ok(Snapshot { source: source.to_owned(), bytes })
     }
 
+    /// A new reader of the bytes, from their start.
+    pub fn reader(&self) -> io::Result<File> {
+        File::open(format!("/proc/self/fd/{}", self.bytes.as_raw_fd()))
+    }
+
     /// The descriptor to hand a worker.
     pub fn raw_fd(&self) -> i32 {
         self.bytes.as_raw_fd()

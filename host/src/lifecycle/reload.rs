@@ -12,8 +12,11 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use super::drain;
+use super::preflight;
+use crate::config::Config;
 use crate::front::Server;
-use crate::generations::loader::{LoadError, Loader};
+use crate::generations::loader::{LoadError, Loaded, Loader};
+use crate::generations::snapshot::Snapshot;
 use crate::operations::Event;
 
 /// Starts the reload task: each `notify_one` on `requests` asks for a reload.
@@ -32,14 +35,28 @@ pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>) {
     });
 }
 
+/// Loads generation `number`, after a preflight in a child process unless
+/// `--preflight off`. Blocking.
+fn prepare(config: &Config, loader: &Loader, number: u64) -> Result<Loaded, LoadError> {
+    if !config.preflight {
+        return loader.load(number);
+    }
+    let snapshot = Snapshot::take(loader.source(), number, config.allow_insecure_library)?;
+    let took = preflight::check(config, &snapshot)?;
+    tracing::debug!(generation = number, preflight_ms = took.as_secs_f64() * 1000.0, "preflight passed");
+    let bytes = snapshot.reader().map_err(|error| LoadError::Unreadable { path: snapshot.source.clone(), error })?;
+    loader.load_from(number, bytes)
+}
+
 /// One reload. Returns whether generation `number` was published.
 async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool {
     let started = Instant::now();
     let serving = server.current.number();
     server.reporter.emit(Event::ReloadStarted { generation: number, serving, source: loader.source() });
-    let loading = loader.clone();
+    let (loading, config) = (loader.clone(), server.config.clone());
     let limit = server.config.reload_timeout;
-    let loaded = match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || loading.load(number))).await {
+    let load = move || prepare(&config, &loading, number);
+    let loaded = match tokio::time::timeout(limit, tokio::task::spawn_blocking(load)).await {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => Err(LoadError::Crashed { path: loader.source().to_owned() }),
         // The load (an app init that hangs) is abandoned, not cancelled: if

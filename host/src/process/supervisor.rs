@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +39,7 @@ use crate::config::Config;
 use crate::ffi::process::{kill, spawn_with_fds};
 use crate::front::listener;
 use crate::generations::snapshot::Snapshot;
+use crate::lifecycle::exit::describe;
 use crate::lifecycle::serve::{watch_spec, StartError};
 use crate::lifecycle::shutdown::hard_deadline;
 use crate::lifecycle::signals::{Request, Signals};
@@ -701,50 +702,4 @@ impl Supervisor {
 
 fn millis(ms: f64) -> Duration {
     Duration::from_secs_f64(ms.max(0.0) / 1000.0)
-}
-
-/// How a worker ended, for the log: "exited with status 7", "was killed by
-/// signal 11 (SIGSEGV)".
-pub fn describe(status: ExitStatus) -> String {
-    if let Some(signal) = status.signal() {
-        let core = if status.core_dumped() { ", core dumped" } else { "" };
-        return format!("was killed by signal {signal} ({}{core})", signal_name(signal));
-    }
-    match status.code() {
-        Some(code) => format!("exited with status {code}"),
-        None => "ended".to_owned(),
-    }
-}
-
-fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGILL => "SIGILL",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGINT => "SIGINT",
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGSYS => "SIGSYS",
-        _ => "signal",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exits_are_described_with_the_signal_or_the_status() {
-        assert_eq!(describe(ExitStatus::from_raw(7 << 8)), "exited with status 7");
-        assert_eq!(describe(ExitStatus::from_raw(libc::SIGSEGV)), "was killed by signal 11 (SIGSEGV)");
-        assert_eq!(
-            describe(ExitStatus::from_raw(libc::SIGABRT | 0x80)),
-            "was killed by signal 6 (SIGABRT, core dumped)"
-        );
-    }
 }
