@@ -344,3 +344,41 @@ fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// `pounce_service_requests_total{class="2xx"}` in one scrape.
+fn service_requests(server: &Server) -> Option<u64> {
+    let reply = get_within(server.addr, "/metrics", Duration::from_secs(5))?.ok()?;
+    let text = reply.text();
+    let line = text.lines().find(|l| l.starts_with("pounce_service_requests_total{class=\"2xx\"}"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+#[test]
+fn service_metrics_never_go_back_whichever_worker_answers_and_whatever_crashes() {
+    let server = Server::start(&sample_app(), &args(&["--metrics-path", "/metrics"]));
+    let mut last = 0;
+    let mut sent = 0;
+    for round in 0..3 {
+        for _ in 0..20 {
+            if matches!(get_within(server.addr, "/", Duration::from_secs(5)), Some(Ok(ref r)) if r.status == 200) {
+                sent += 1;
+            }
+        }
+        // Each scrape may come from either worker (and after a crash, from
+        // its replacement): the totals must never shrink, and the workers'
+        // beats bring the requests just answered in within moments (a crash
+        // loses only what its worker counted since its last beat).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while last < sent && Instant::now() < deadline {
+            let seen = service_requests(&server).expect("the exposition has the service's totals");
+            assert!(seen >= last, "round {round}: {seen} after {last}");
+            last = seen;
+        }
+        assert!(last >= sent, "round {round}: the totals show {last} of {sent}");
+        fault(&server, "/fault/segfault");
+        assert!(server.wait_for_log_count("event=\"worker_ready\"", 3 + round, Duration::from_secs(10)));
+    }
+    let total = service_requests(&server).unwrap_or(0);
+    println!("{sent} requests answered; the service totals count {total} 2xx (scrapes included)");
+    assert!(total >= last, "{total} after {last}");
+}

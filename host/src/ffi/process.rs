@@ -101,3 +101,91 @@ pub fn parent_pid() -> u32 {
     let pid = unsafe { libc::getppid() };
     u32::try_from(pid).unwrap_or(0)
 }
+
+/// A page of 64-bit atomic counters in shared memory (a memfd mapped
+/// `MAP_SHARED`): one process writes, any number read, with no round trip.
+/// Process mode's supervisor keeps the whole service's totals here, so any
+/// worker's `/metrics` answers the same numbers.
+pub struct SharedCounters {
+    counters: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+    file: File,
+}
+
+// SAFETY: the mapping is only ever accessed through `AtomicU64`s, which are
+// safe to share between threads; the pointer is owned (unmapped on drop).
+unsafe impl Send for SharedCounters {}
+// SAFETY: as above: `&SharedCounters` gives only atomic access.
+unsafe impl Sync for SharedCounters {}
+
+impl SharedCounters {
+    /// A new page of `len` counters, all zero (close-on-exec; pass its
+    /// descriptor to the processes that read it).
+    pub fn create(name: &str, len: usize) -> io::Result<SharedCounters> {
+        let file = memfd(name)?;
+        file.set_len(Self::bytes(len)? as u64)?;
+        Self::map(file, len)
+    }
+
+    /// Maps the page another process created, at descriptor `fd`.
+    pub fn open(fd: OwnedFd, len: usize) -> io::Result<SharedCounters> {
+        let file = File::from(fd);
+        if file.metadata()?.len() < Self::bytes(len)? as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the shared counters are smaller than expected"));
+        }
+        Self::map(file, len)
+    }
+
+    fn bytes(len: usize) -> io::Result<usize> {
+        len.checked_mul(8).filter(|&n| n > 0).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad length"))
+    }
+
+    fn map(file: File, len: usize) -> io::Result<SharedCounters> {
+        use std::os::fd::AsRawFd;
+        let bytes = Self::bytes(len)?;
+        // SAFETY: a fresh shared mapping of `bytes` bytes of an open file at
+        // least that long; the kernel picks the (page-aligned) address.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let counters = std::ptr::NonNull::new(address.cast()).ok_or_else(io::Error::last_os_error)?;
+        Ok(SharedCounters { counters, len, file })
+    }
+
+    pub fn counters(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping holds `len` zero-initialised, page-aligned
+        // u64s, valid until drop; AtomicU64 has the layout of u64, and every
+        // access, here and in the other processes, is atomic.
+        unsafe { std::slice::from_raw_parts(self.counters.as_ptr(), self.len) }
+    }
+
+    /// The descriptor to pass to a reader.
+    pub fn raw_fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+}
+
+impl std::fmt::Debug for SharedCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCounters").field("len", &self.len).finish()
+    }
+}
+
+impl Drop for SharedCounters {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no reference from
+        // `counters()` outlives `self`.
+        unsafe { libc::munmap(self.counters.as_ptr().cast(), self.len * 8) };
+    }
+}

@@ -13,9 +13,11 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -124,6 +126,11 @@ pub struct Metrics {
     connections: Gauge,
     generation: Gauge,
     draining: Gauge,
+    /// Requests by status class 1xx..5xx, for process mode's service totals.
+    by_class: [AtomicU64; 5],
+    /// Process mode: the whole service's figures, shown beside this
+    /// process's own.
+    service: OnceLock<Registry>,
 }
 
 impl Default for Metrics {
@@ -182,13 +189,30 @@ impl Metrics {
             connections,
             generation,
             draining,
+            by_class: Default::default(),
+            service: OnceLock::new(),
         }
+    }
+
+    /// Adds the whole service's figures (process mode) to the exposition.
+    pub fn describe_service(&self, service: Box<dyn Collector>) {
+        let mut registry = Registry::with_prefix("pounce");
+        registry.register_collector(service);
+        let _ = self.service.set(registry);
+    }
+
+    /// Requests answered so far, by status class 1xx..5xx.
+    pub fn requests_by_class(&self) -> [u64; 5] {
+        std::array::from_fn(|class| self.by_class[class].load(Ordering::Relaxed))
     }
 
     pub fn request(&self, status: u16, generation: u64, duration: Duration) {
         let retired = read(&self.retired);
         let generation =
             if retired.contains(generation) { GenerationLabel::Retired } else { GenerationLabel::Number(generation) };
+        if let Some(count) = usize::from(status / 100).checked_sub(1).and_then(|class| self.by_class.get(class)) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
         let labels = RequestLabels { class: StatusClass(status / 100), generation };
         self.requests.get_or_create(&labels).inc();
         drop(retired);
@@ -232,11 +256,21 @@ impl Metrics {
         self.draining.set(as_gauge(snapshot.draining as u64));
         let mut text = String::new();
         let _consistent = read(&self.retired);
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+        if encode(&mut text, &self.registry, self.service.get()).is_err() {
             text.clear();
         }
         text
     }
+}
+
+/// One exposition of `own` and then `service`'s metrics.
+fn encode(text: &mut String, own: &Registry, service: Option<&Registry>) -> std::fmt::Result {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
+    encode_registry(text, own)?;
+    if let Some(service) = service {
+        encode_registry(text, service)?;
+    }
+    encode_eof(text)
 }
 
 /// The content type of [`Metrics::render`]'s output.

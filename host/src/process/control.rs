@@ -5,7 +5,7 @@
 //!
 //! The worker finds its end at descriptor [`CONTROL_FD`], the listening
 //! socket at [`LISTENER_FD`] and the generation's library bytes at
-//! [`LIBRARY_FD`].
+//! [`LIBRARY_FD`], and the service's totals at [`TOTALS_FD`].
 
 use std::io;
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -21,6 +21,8 @@ pub const LISTENER_FD: i32 = 3;
 pub const CONTROL_FD: i32 = 4;
 /// Where a worker finds its generation's library (an in-memory file).
 pub const LIBRARY_FD: i32 = 5;
+/// Where a worker finds the service's totals (shared counters).
+pub const TOTALS_FD: i32 = 6;
 
 /// What a worker tells the supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,8 +32,10 @@ pub enum FromWorker {
     Ready { app: String, app_version: String, load_ms: f64, init_ms: f64 },
     /// The library could not be loaded; the worker exits.
     LoadFailed { reason: String },
-    /// The worker's event loop runs (sent every [`BEAT`]).
-    Beat { in_flight: usize, connections: usize },
+    /// The worker's event loop runs (sent every [`BEAT`]), with its figures:
+    /// `requests` by status class 1xx..5xx, counted since it started (with
+    /// `--metrics-path` on; zeros otherwise).
+    Beat { in_flight: usize, connections: usize, requests: [u64; 5] },
 }
 
 /// What the supervisor tells a worker.
@@ -110,10 +114,11 @@ mod tests {
         let (mut at_worker, mut worker_out) = open::<ToWorker, FromWorker>(b).unwrap();
         let ready = FromWorker::Ready { app: "a".into(), app_version: "1".into(), load_ms: 1.5, init_ms: 0.5 };
         worker_out.send(&ready).await.unwrap();
-        worker_out.send(&FromWorker::Beat { in_flight: 2, connections: 3 }).await.unwrap();
+        let beat = FromWorker::Beat { in_flight: 2, connections: 3, requests: [0, 9, 0, 1, 0] };
+        worker_out.send(&beat).await.unwrap();
         to_worker.send(&ToWorker::Retire).await.unwrap();
         assert_eq!(from_worker.next().await, Some(ready));
-        assert_eq!(from_worker.next().await, Some(FromWorker::Beat { in_flight: 2, connections: 3 }));
+        assert_eq!(from_worker.next().await, Some(beat));
         assert_eq!(at_worker.next().await, Some(ToWorker::Retire));
         drop((worker_out, at_worker));
         assert_eq!(from_worker.next().await, None);

@@ -12,4 +12,5 @@
 
 pub mod control;
 pub mod supervisor;
+mod totals;
 pub mod worker;

@@ -34,9 +34,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::{mpsc, Notify};
 
-use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENER_FD};
+use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENER_FD, TOTALS_FD};
+use super::totals::{self, Totals};
 use crate::config::Config;
-use crate::ffi::process::{kill, spawn_with_fds};
+use crate::ffi::process::{kill, spawn_with_fds, SharedCounters};
 use crate::front::listener;
 use crate::generations::snapshot::Snapshot;
 use crate::lifecycle::exit::describe;
@@ -128,6 +129,8 @@ pub struct Supervisor {
     backoff_level: u32,
     /// Retiring generations and when they started to drain.
     draining: HashMap<u64, Instant>,
+    /// The whole service's metrics, in a page every worker maps.
+    totals: Totals,
 }
 
 /// Runs the service in process mode until a shutdown completes.
@@ -141,6 +144,7 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
     let listener = listener::bind(&config)?.into_std()?;
     let address = listener.local_addr()?;
     let (inputs, mut received) = mpsc::unbounded_channel();
+    let page = Arc::new(SharedCounters::create("pounce-service-totals", totals::LEN)?);
     let mut supervisor = Supervisor {
         reporter: Reporter::new(false),
         config,
@@ -159,6 +163,7 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
         respawn_at: None,
         backoff_level: 0,
         draining: HashMap::new(),
+        totals: Totals::new(page),
     };
     supervisor.start_first(&mut received).await?;
     sd_notify::spawn_watchdog();
@@ -286,6 +291,7 @@ impl Supervisor {
             (self.listener.as_raw_fd(), LISTENER_FD),
             (theirs.as_raw_fd(), CONTROL_FD),
             (snapshot.raw_fd(), LIBRARY_FD),
+            (self.totals.raw_fd(), TOTALS_FD),
         ];
         let mut child = spawn_with_fds(&mut command, &fds)?;
         drop(theirs);
@@ -354,9 +360,10 @@ impl Supervisor {
         let Some(worker) = self.workers.get_mut(&pid) else { return };
         worker.last_beat = Instant::now();
         match message {
-            FromWorker::Beat { in_flight, connections } => {
+            FromWorker::Beat { in_flight, connections, requests } => {
                 worker.in_flight = in_flight;
                 worker.connections = connections;
+                self.totals.reported(pid, requests);
             }
             FromWorker::Ready { .. } => {
                 if worker.state == State::Starting {
@@ -487,6 +494,7 @@ impl Supervisor {
 
     fn on_exit(&mut self, pid: u32, status: ExitStatus) {
         let Some(worker) = self.workers.remove(&pid) else { return };
+        self.totals.gone(pid);
         let how = describe(status);
         let expected = matches!(worker.state, State::Retiring(_) | State::Stopping) && !worker.hung;
         self.reporter.emit(Event::WorkerExited { pid, generation: worker.generation, how: &how, expected });
@@ -649,6 +657,7 @@ impl Supervisor {
         for worker in self.workers.values() {
             let _ = worker.orders.send(ToWorker::Service(state.clone()));
         }
+        self.totals.service(self.total_restarts, self.rollbacks, serving, generation);
     }
 
     fn current_number(&self) -> u64 {

@@ -22,9 +22,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENER_FD};
+use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENER_FD, TOTALS_FD};
+use super::totals::{self, ServiceMetrics};
 use crate::config::Config;
-use crate::ffi::process::{inherited_fd, parent_pid};
+use crate::ffi::process::{inherited_fd, parent_pid, SharedCounters};
 use crate::front::{connections, listener, Server};
 use crate::generations::loader::{LoadError, Loaded, Loader, LoaderSettings};
 use crate::generations::unload_guard;
@@ -63,6 +64,7 @@ pub async fn run(config: Config, max_log_level: u32, assignment: Assignment) -> 
     let socket = tokio::net::TcpListener::from_std(socket)?;
     let info = loaded.generation.info().clone();
     let server = Arc::new(Server::new(config, loaded.generation));
+    show_service_totals(&server)?;
     tokio::spawn(listener::accept_loop(server.clone(), socket));
     tokio::spawn(connections::sweep(server.connections.clone()));
     let ready = FromWorker::Ready {
@@ -74,6 +76,17 @@ pub async fn run(config: Config, max_log_level: u32, assignment: Assignment) -> 
     reports.send(&ready).await?;
     tokio::spawn(beat(server.clone(), reports));
     serve_until_told(&server, &mut signals, &mut orders).await;
+    Ok(())
+}
+
+/// With `--metrics-path`, this worker's `/metrics` also shows the whole
+/// service's totals, which the supervisor keeps at [`TOTALS_FD`].
+fn show_service_totals(server: &Server) -> Result<(), StartError> {
+    let page = inherited_fd(TOTALS_FD).ok_or_else(|| missing("service totals", TOTALS_FD))?;
+    if let Some(metrics) = server.reporter.metrics() {
+        let page = SharedCounters::open(page, totals::LEN)?;
+        metrics.describe_service(Box::new(ServiceMetrics::new(Arc::new(page))));
+    }
     Ok(())
 }
 
@@ -112,7 +125,11 @@ async fn beat(server: Arc<Server>, mut reports: ToSupervisor) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let beat = FromWorker::Beat { in_flight: server.current.in_flight(), connections: server.connections.count() };
+        let beat = FromWorker::Beat {
+            in_flight: server.current.in_flight(),
+            connections: server.connections.count(),
+            requests: server.reporter.metrics().map_or([0; 5], |metrics| metrics.requests_by_class()),
+        };
         if reports.send(&beat).await.is_err() {
             return;
         }
