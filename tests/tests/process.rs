@@ -221,7 +221,7 @@ fn a_generation_that_crashes_right_after_its_reload_is_rolled_back() {
     assert!(server.count_logs("event=\"rolling_back\"") > 0, "{}", server.logs());
     assert!(server.wait_for_log_count("event=\"generation_loaded\"", 2, Duration::from_secs(20)), "{}", server.logs());
     assert!(answers_within(&server, Duration::from_secs(5)).is_some(), "old code answers again");
-    let health = health_until(&server, |h| h["generation"] == 3);
+    let health = health_until(&server, |h| h["generation"] == 3 && h["service"]["rollbacks"] == 1);
     assert_eq!(health["generation"], 3, "{health}");
     assert_eq!(health["service"]["rollbacks"], 1, "{health}");
     assert!(server.logs().contains("rolling back to the library of generation 1, as generation 3"));

@@ -43,6 +43,19 @@ fn sigterm_while_the_first_load_hangs_exits_promptly() {
 }
 
 #[test]
+fn sigterm_while_process_mode_workers_hang_in_init_exits_promptly() {
+    let args = ["--mode", "process", "--processes", "2", "--app-arg", "init_delay_ms=60000"];
+    let (mut child, log) = spawn_serve(&args);
+    assert!(log.wait_for_count("init waits before it returns", 2, Duration::from_secs(20)), "{}", log.text());
+    let started = Instant::now();
+    signal(&child, libc::SIGTERM);
+    let status = wait_for_exit(&mut child, Duration::from_secs(15)).expect("exits while the workers hang");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(0), "{}", log.text());
+    assert!(log.text().contains("while the workers were starting"), "{}", log.text());
+}
+
+#[test]
 fn a_first_load_that_hangs_fails_at_reload_timeout() {
     let (mut child, log) = spawn_serve(&["--app-arg", "init_delay_ms=60000", "--reload-timeout", "1s"]);
     let status = wait_for_exit(&mut child, Duration::from_secs(20)).expect("gives up on the load");

@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -165,7 +165,9 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
         draining: HashMap::new(),
         totals: Totals::new(page),
     };
-    supervisor.start_first(&mut received).await?;
+    if !supervisor.start_first(&mut received, &mut signals).await? {
+        return Ok(());
+    }
     sd_notify::spawn_watchdog();
     let mut ticks = tokio::time::interval(TICK);
     let stop = loop {
@@ -188,8 +190,13 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
 
 impl Supervisor {
     /// Starts generation 1 and waits until all its workers serve; any
-    /// failure ends the start-up (exit 3).
-    async fn start_first(&mut self, received: &mut mpsc::UnboundedReceiver<Input>) -> Result<(), StartError> {
+    /// failure ends the start-up (exit 3). A shutdown signal meanwhile stops
+    /// the workers and ends it too (`false`: do not serve).
+    async fn start_first(
+        &mut self,
+        received: &mut mpsc::UnboundedReceiver<Input>,
+        signals: &mut Signals,
+    ) -> Result<bool, StartError> {
         let snapshot = Arc::new(Snapshot::take(&self.config.library, 1, self.config.allow_insecure_library)?);
         self.next_generation = 2;
         self.begin_reload(1, snapshot, false).map_err(|e| StartError::Workers(e.to_string()))?;
@@ -210,9 +217,17 @@ impl Supervisor {
                         crate::config::format_duration(self.config.reload_timeout)
                     )));
                 }
+                request = signals.next() => match request {
+                    Request::Shutdown { name, .. } => {
+                        tracing::info!("{name} received while the workers were starting: not starting");
+                        self.stop_reload();
+                        return Ok(false);
+                    }
+                    Request::Reload(name) => tracing::info!("{name} received while starting: the workers load the current file anyway"),
+                },
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Handles an input during start-up; returns why start-up failed, if it did.
@@ -320,6 +335,8 @@ impl Supervisor {
         };
         self.workers.insert(pid, worker);
         self.reporter.emit(Event::WorkerStarted { pid, generation });
+        // Its first message: what its health answers report.
+        self.tell_service_state();
         Ok(pid)
     }
 
@@ -496,7 +513,14 @@ impl Supervisor {
         let Some(worker) = self.workers.remove(&pid) else { return };
         self.totals.gone(pid);
         let how = describe(status);
-        let expected = matches!(worker.state, State::Retiring(_) | State::Stopping) && !worker.hung;
+        // Stopped workers were killed on purpose; a retiring one should exit
+        // 0, unless it outstayed its drain and was killed for it.
+        let retired_cleanly = status.success() || status.signal() == Some(libc::SIGKILL);
+        let expected = match worker.state {
+            State::Stopping => !worker.hung,
+            State::Retiring(_) => retired_cleanly,
+            State::Starting | State::Serving => false,
+        };
         self.reporter.emit(Event::WorkerExited { pid, generation: worker.generation, how: &how, expected });
         if let State::Retiring(_) = worker.state {
             self.retired_if_last(worker.generation);
