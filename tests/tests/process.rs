@@ -56,6 +56,8 @@ struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    /// What the first failures were, for the assertion messages.
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
     runtime: tokio::runtime::Runtime,
     clients: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -65,9 +67,18 @@ impl Load {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
         let (stop, ok, failed) =
             (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
         let clients = (0..clients)
             .map(|_| {
                 let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), server.addr);
+                let errors = errors.clone();
+                let note = move |error: String| {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    let mut errors = errors.lock().unwrap_or_else(|p| p.into_inner());
+                    if errors.len() < 5 {
+                        errors.push(error);
+                    }
+                };
                 runtime.spawn(async move {
                     let mut client: Option<Client> = None;
                     // Bounded: at most 200 000 requests or until stopped.
@@ -81,8 +92,8 @@ impl Load {
                         if client.as_ref().is_none_or(Client::is_closed) {
                             match Client::connect(addr).await {
                                 Ok(c) => client = Some(c),
-                                Err(_) => {
-                                    failed.fetch_add(1, Ordering::Relaxed);
+                                Err(e) => {
+                                    note(format!("connect: {e}"));
                                     tokio::time::sleep(Duration::from_millis(10)).await;
                                     continue;
                                 }
@@ -93,8 +104,12 @@ impl Load {
                             Ok(reply) if reply.status == 200 => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
-                            _ => {
-                                failed.fetch_add(1, Ordering::Relaxed);
+                            Ok(reply) => {
+                                note(format!("status {}: {}", reply.status, reply.text()));
+                                client = None;
+                            }
+                            Err(e) => {
+                                note(e);
                                 client = None;
                             }
                         }
@@ -102,7 +117,7 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, ok, failed, runtime, clients }
+        Load { stop, ok, failed, errors, runtime, clients }
     }
 
     fn ok(&self) -> u64 {
@@ -120,6 +135,10 @@ impl Load {
             std::thread::sleep(Duration::from_millis(5));
         }
         false
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Stops the clients; returns (succeeded, failed).
@@ -269,12 +288,13 @@ fn a_hundred_reloads_under_load_lose_no_request() {
         }
     }
     assert!(load.wait_for_progress(50, Duration::from_secs(10)), "still serving after the storm");
+    let errors = load.errors();
     let (ok, failed) = load.finish();
     let reloads = published(&server);
     println!("100 SIGHUPs at 10/s: {reloads} generations published, {ok} requests answered, {failed} failed");
     assert!(reloads >= 10, "{reloads} reloads published");
     assert_eq!(server.count_logs("event=\"worker_crashed\""), 0, "{}", server.logs());
-    assert_eq!(failed, 0, "requests failed during the storm");
+    assert_eq!(failed, 0, "requests failed during the storm: {errors:?}");
 }
 
 #[test]

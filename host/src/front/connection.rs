@@ -191,9 +191,9 @@ impl Connection {
         self.in_flight.load(Ordering::Acquire) > 0 && self.generation.load(Ordering::Relaxed) <= generation
     }
 
-    /// Whether a request is being served on this connection.
-    pub fn is_busy(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0
+    /// Whether the connection was seen to speak HTTP/2.
+    pub fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
     }
 
     /// Closes the connection at once, cutting what runs on it.
@@ -385,7 +385,12 @@ impl Drop for Activity {
         // During a shutdown, a connection that was accepted late (or raced
         // the shutdown's sweep over connections) closes after its answer;
         // for HTTP/2 that is a GOAWAY, which `Connection: close` is not.
-        if connection.rules.is_shutting_down() || connection.rules.is_retiring() {
+        // A retiring worker's HTTP/1 connection is not closed here: its
+        // response may have gone out before the retirement, without
+        // `Connection: close`, and the client may be sending its next
+        // request already; that one is answered with `Connection: close`.
+        let retiring_h2 = connection.rules.is_retiring() && connection.is_http2();
+        if connection.rules.is_shutting_down() || retiring_h2 {
             connection.control.set(FINISH);
         }
     }

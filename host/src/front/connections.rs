@@ -79,13 +79,15 @@ impl Connections {
     }
 
     /// A process-mode worker hands over to newer ones: stop accepting (the
-    /// listening socket stays open in the other processes), close idle
-    /// connections after their next response (`Connection: close`), busy
-    /// ones after their current response. Nothing is refused.
+    /// listening socket stays open in the other processes); HTTP/1
+    /// connections close after their next response, which says
+    /// `Connection: close` (closing one sooner could cut a request the
+    /// client is sending right now); HTTP/2 connections get a GOAWAY, which
+    /// tells the client which requests were taken. Nothing is refused.
     pub fn retire(&self) {
         self.rules.begin_retiring();
         self.stop_accepting.send_replace(true);
-        for connection in self.open_connections().iter().filter(|c| c.is_busy()) {
+        for connection in self.open_connections().iter().filter(|c| c.is_http2()) {
             connection.finish();
         }
     }
