@@ -25,4 +25,4 @@ pub mod lifecycle;
 pub mod logging;
 pub mod operations;
 
-pub use ffi::{AppInfo, LoadedApp, Unloaded};
+pub use ffi::{AppInfo, LoadedApp, PinningSignal, PinningThread, Pins, Unloaded};

@@ -1,5 +1,7 @@
 //! Everything `unsafe` in the host: opening app libraries, calling through
-//! their C ABI, the thread-local destructor guard, and the raw clock.
+//! their C ABI, the unload guard (thread-local destructors, thread-specific
+//! keys, which code started each thread) and the checks before an unload,
+//! and the raw clock.
 //!
 //! The rest of the host is safe code that uses three types from here:
 //! [`LoadedApp`] (one opened library with its initialized app), [`AppCall`]
@@ -10,10 +12,14 @@
 mod app;
 pub mod clock;
 mod library;
+mod pins;
 pub mod priority;
 pub mod process;
+mod threads;
 pub mod unload_guard;
 
 pub use app::{
-    AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, Lease, LoadedApp, OpenError, OpenedLibrary, Unloaded,
+    kept_mapped, AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, Lease, LoadedApp, OpenError,
+    OpenedLibrary, Unloaded,
 };
+pub use pins::{PinningSignal, PinningThread, Pins};

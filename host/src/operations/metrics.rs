@@ -2,7 +2,8 @@
 //! the `prometheus-client` crate.
 //!
 //! Counters and histograms are updated as things happen; the gauges (in
-//! flight, connections, generation, draining) are read from the server's
+//! flight, connections, generation, draining) and the count of pinned
+//! generations (kept by the unload threads) are read from the server's
 //! state when scraped, so the request path pays for nothing it does not
 //! need. With metrics off, nothing here runs.
 
@@ -62,6 +63,7 @@ pub struct Metrics {
     connections: Gauge,
     generation: Gauge,
     draining: Gauge,
+    pinned: Counter,
 }
 
 impl Default for Metrics {
@@ -108,6 +110,12 @@ impl Metrics {
         let connections = gauge(&mut registry, "open_connections", "Open client connections");
         let generation = gauge(&mut registry, "current_generation", "Generation serving new requests");
         let draining = gauge(&mut registry, "draining_generations", "Replaced generations still draining");
+        let pinned = Counter::default();
+        registry.register(
+            "pinned_generations",
+            "App libraries left mapped because code of theirs could still run (threads, signal handlers, keys)",
+            pinned.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -119,6 +127,7 @@ impl Metrics {
             connections,
             generation,
             draining,
+            pinned,
         }
     }
 
@@ -145,6 +154,8 @@ impl Metrics {
         self.connections.set(as_gauge(snapshot.connections as u64));
         self.generation.set(as_gauge(snapshot.generation));
         self.draining.set(as_gauge(snapshot.draining as u64));
+        // A count kept elsewhere that only grows: mirrored, not incremented.
+        self.pinned.inner().store(snapshot.pinned_generations, std::sync::atomic::Ordering::Relaxed);
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text.clear();
