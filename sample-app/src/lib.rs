@@ -37,7 +37,9 @@ struct SampleApp {
 impl App for SampleApp {
     /// Test knobs: `--app-arg fail_init=panic` makes init panic and any other
     /// value makes it fail; `--app-arg init_delay_ms=N` makes init take N ms
-    /// (to send a signal in the middle of a reload).
+    /// (to send a signal in the middle of a reload); `--app-arg
+    /// detached_thread=yes` starts a thread that outlives the generation
+    /// (named `sample-detached`, it never ends), as a careless app would.
     fn init(ctx: &InitContext) -> Result<Self, InitError> {
         if let Some(delay) = ctx.setting("init_delay_ms") {
             let ms: u64 =
@@ -48,6 +50,14 @@ impl App for SampleApp {
             Some("panic") => panic!("sample-app: init panicked because fail_init=panic"),
             Some(_) => return Err("sample-app: init failed because fail_init is set".into()),
             None => {}
+        }
+        if ctx.setting("detached_thread").is_some() {
+            std::thread::Builder::new()
+                .name("sample-detached".to_owned())
+                .spawn(|| loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                })
+                .map_err(|e| format!("sample-app: cannot start the detached thread: {e}"))?;
         }
         tracing::info!(greeting = GREETING, "sample-app ready");
         Ok(SampleApp { generation: ctx.generation(), drain: ctx.drain_signal() })
