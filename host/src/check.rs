@@ -37,9 +37,12 @@ pub fn run(loader: Arc<Loader>, limit: Duration) -> Result<String, LoadError> {
     let unloaded = loaded.generation.into_app().unload(SHUTDOWN_TIMEOUT);
     let shutdown_ms = started.elapsed().as_secs_f64() * 1000.0;
     let unload = match unloaded {
-        Unloaded::Unmapped => "ok, library unmapped",
-        Unloaded::StillMapped => "ok, but the library stayed mapped after dlclose",
-        Unloaded::ThreadsLeft => "the app's threads did not stop in time (a reload would keep this library loaded)",
+        Unloaded::Unmapped => "ok, library unmapped".to_owned(),
+        Unloaded::StillMapped => "ok, but the library stayed mapped after dlclose".to_owned(),
+        Unloaded::ThreadsLeft => {
+            "the app's threads did not stop in time (a reload would keep this library loaded)".to_owned()
+        }
+        Unloaded::Pinned(pins) => format!("the library stays mapped ({pins}): every reload would keep a copy"),
     };
     Ok(format!(
         "ok: {path}\n  app:         {} {}\n  ABI version: {} (app-abi {})\n  load:        ok in {:.1} ms (init {:.1} ms)\n  shutdown:    {unload} in {shutdown_ms:.1} ms\n",

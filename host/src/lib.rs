@@ -27,4 +27,4 @@ pub mod logging;
 pub mod operations;
 pub mod process;
 
-pub use ffi::{AppInfo, LoadedApp, Unloaded};
+pub use ffi::{AppInfo, LoadedApp, PinningSignal, PinningThread, Pins, Unloaded};

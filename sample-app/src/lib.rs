@@ -49,7 +49,9 @@ impl App for SampleApp {
     /// Test knobs: `--app-arg fail_init=panic` makes init panic and any other
     /// value makes it fail; `--app-arg init_delay_ms=N` makes init take N ms
     /// (to send a signal in the middle of a reload); `--app-arg
-    /// drain_delay_ms=N` makes `drain` block N ms.
+    /// drain_delay_ms=N` makes `drain` block N ms; `--app-arg
+    /// detached_thread=yes` starts a thread that outlives the generation
+    /// (named `sample-detached`, it never ends), as a careless app would.
     fn init(ctx: &InitContext) -> Result<Self, InitError> {
         if let Some(delay) = ctx.setting("init_delay_ms") {
             let ms: u64 =
@@ -63,6 +65,14 @@ impl App for SampleApp {
             None => {}
         }
         faults::built_in("init");
+        if ctx.setting("detached_thread").is_some() {
+            std::thread::Builder::new()
+                .name("sample-detached".to_owned())
+                .spawn(|| loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                })
+                .map_err(|e| format!("sample-app: cannot start the detached thread: {e}"))?;
+        }
         tracing::info!(greeting = GREETING, "sample-app ready");
         let faults = ctx.setting("faults") == Some("on");
         let drain_delay = match ctx.setting("drain_delay_ms").map(str::parse::<u64>) {

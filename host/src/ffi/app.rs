@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,7 +21,9 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 
 use super::library::Library;
-use super::unload_guard;
+use super::pins::{self, Pins};
+use super::threads;
+use super::unload_guard::{self, LoadId};
 
 /// What an app library says about itself.
 #[derive(Clone, Debug)]
@@ -67,16 +70,62 @@ pub enum OpenError {
 }
 
 /// How an unload ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Unloaded {
     /// The library's code is gone from the address space.
     Unmapped,
     /// `dlclose` ran but the loader kept the object mapped (something else
-    /// pinned it, e.g. with `--unload-guard off`).
+    /// pinned it, e.g. a thread-local destructor registered while its ELF
+    /// constructors ran).
     StillMapped,
-    /// Threads of the app were still running after the timeout, so the
-    /// library was left open on purpose: unmapping it would crash them.
+    /// Threads of the app's runtime were still running after the timeout,
+    /// so the library was left open on purpose: unmapping it would crash them.
     ThreadsLeft,
+    /// Something outside the app's runtime still points into the library
+    /// (a thread it started, a signal handler, a key destructor), so it was
+    /// left open on purpose. See [`Pins`].
+    Pinned(Pins),
+}
+
+/// Libraries left mapped on purpose so far (`ThreadsLeft`, `Pinned`, and
+/// failed loads kept for the same reasons).
+static KEPT_MAPPED: AtomicU64 = AtomicU64::new(0);
+
+/// How many libraries have been left mapped on purpose since the start.
+pub fn kept_mapped() -> u64 {
+    KEPT_MAPPED.load(Ordering::Relaxed)
+}
+
+/// Leaves `library` mapped for good, and counts it. Its load stays
+/// registered with the unload guard.
+fn keep_mapped(library: Library) {
+    KEPT_MAPPED.fetch_add(1, Ordering::Relaxed);
+    std::mem::forget(library);
+}
+
+/// Closes `library` (load `load`) unless code of it could still run (see
+/// `pins`): then it stays mapped and the reasons are returned. The caller
+/// guarantees that the host will not call into it again.
+fn release(library: Library, load: LoadId) -> Unloaded {
+    let pins = unload_guard::get(load).map(|guarded| pins::find(&guarded)).unwrap_or_default();
+    if !pins.is_empty() {
+        keep_mapped(library);
+        return Unloaded::Pinned(pins);
+    }
+    unload_guard::unregister(load);
+    if library.close() {
+        Unloaded::Unmapped
+    } else {
+        Unloaded::StillMapped
+    }
+}
+
+/// [`release`] for a load that failed: a pin is logged here, since the
+/// failure itself is what the caller reports.
+fn release_failed(library: Library, load: LoadId, generation: u64) {
+    if let Unloaded::Pinned(pins) = release(library, load) {
+        tracing::warn!(generation, "generation {generation} failed to load and stays mapped: {pins}");
+    }
 }
 
 /// What keeps an app's library loaded while the host may call into it: the
@@ -94,7 +143,7 @@ pub struct LoadedApp {
     library: Library,
     vtable: *const AppVTable,
     instance: *mut AppInstance,
-    generation: u64,
+    load: LoadId,
     info: AppInfo,
 }
 
@@ -144,9 +193,10 @@ impl LoadedApp {
     }
 
     /// Shuts the app down (waiting up to `timeout` for its threads) and
-    /// closes the library. The caller guarantees that no request, stream or
-    /// waker of this generation is left, which holding the last reference to
-    /// its `Generation` proves.
+    /// closes the library, unless code of it could still run: then it stays
+    /// mapped ([`Unloaded::ThreadsLeft`], [`Unloaded::Pinned`]). The caller
+    /// guarantees that no request, stream or waker of this generation is
+    /// left, which holding the last reference to its `Generation` proves.
     pub fn unload(self, timeout: Duration) -> Unloaded {
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         // SAFETY: nothing of the generation runs any more (see above), and
@@ -154,15 +204,10 @@ impl LoadedApp {
         let code = unsafe { (self.vtable().shutdown)(self.instance, timeout_ms) };
         if code != status::OK {
             // Unmapping would pull the code out from under the app's threads.
-            std::mem::forget(self.library);
+            keep_mapped(self.library);
             return Unloaded::ThreadsLeft;
         }
-        unload_guard::unregister(self.generation);
-        if self.library.close() {
-            Unloaded::Unmapped
-        } else {
-            Unloaded::StillMapped
-        }
+        release(self.library, self.load)
     }
 }
 
@@ -173,6 +218,7 @@ impl LoadedApp {
 pub struct OpenedLibrary {
     library: Library,
     vtable: *const AppVTable,
+    load: LoadId,
     generation: u64,
     name: String,
     version: String,
@@ -184,9 +230,12 @@ pub struct OpenedLibrary {
 unsafe impl Send for OpenedLibrary {}
 
 impl OpenedLibrary {
-    /// Opens `path` as `generation` and checks its ABI table.
+    /// Opens `path` as `generation` and checks its ABI table. The library
+    /// is registered with the unload guard as a new load right after
+    /// `dlopen`, so whatever its constructors left behind is checked before
+    /// it is ever closed.
     pub fn open(path: &Path, generation: u64) -> Result<OpenedLibrary, OpenError> {
-        OpenedLibrary::check(Library::open(path).map_err(OpenError::Dlopen)?, generation)
+        OpenedLibrary::check(generation, || Library::open(path))
     }
 
     /// Opens the library in `file` (an anonymous in-memory copy) as
@@ -194,17 +243,23 @@ impl OpenedLibrary {
     /// for as long as it is mapped: its `/proc/self/fd/N` path must keep
     /// naming it.
     pub fn open_file(file: File, generation: u64) -> Result<OpenedLibrary, OpenError> {
-        OpenedLibrary::check(Library::open_file(file).map_err(OpenError::Dlopen)?, generation)
+        OpenedLibrary::check(generation, || Library::open_file(file))
     }
 
-    /// Registers an opened library with the unload guard and checks its ABI
-    /// table; closes it if it is not an app of this ABI.
-    fn check(library: Library, generation: u64) -> Result<OpenedLibrary, OpenError> {
+    /// Opens a library with `open`, registers it with the unload guard as a
+    /// new load and checks its ABI table; closes it if it is not an app of
+    /// this ABI.
+    fn check(generation: u64, open: impl FnOnce() -> Result<Library, String>) -> Result<OpenedLibrary, OpenError> {
+        // Signal handlers of the loaded libraries are noted before a new one
+        // may install its own on top of them.
+        pins::note_signal_handlers();
+        let threads_before = threads::live_tids();
+        let library = open().map_err(OpenError::Dlopen)?;
+        let load = unload_guard::register(generation, library.segments(), threads_before);
         let Some(entry) = library.symbol(abi::ENTRY_SYMBOL) else {
-            library.close();
+            release_failed(library, load, generation);
             return Err(OpenError::MissingEntry);
         };
-        unload_guard::register(entry, generation);
         match check_table(entry) {
             Ok(vtable) => {
                 // SAFETY: `check_table` verified a full v1 table, static in
@@ -213,11 +268,10 @@ impl OpenedLibrary {
                     let table = &*vtable;
                     (text(table.name), text(table.version), text(table.abi_crate_version))
                 };
-                Ok(OpenedLibrary { library, vtable, generation, name, version, abi_crate_version })
+                Ok(OpenedLibrary { library, vtable, load, generation, name, version, abi_crate_version })
             }
             Err(e) => {
-                unload_guard::unregister(generation);
-                library.close();
+                release_failed(library, load, generation);
                 Err(e)
             }
         }
@@ -226,10 +280,12 @@ impl OpenedLibrary {
     /// Runs the app's init. Run it on a short-lived thread: app code
     /// touching a thread-local there cannot pin anything once it exits.
     pub fn init(self, settings: &[(String, String)], max_log_level: u32) -> Result<LoadedApp, OpenError> {
-        let OpenedLibrary { library, vtable, generation, name, version, abi_crate_version } = self;
+        let OpenedLibrary { library, vtable, load, generation, name, version, abi_crate_version } = self;
         let started = std::time::Instant::now();
         // SAFETY: the table is valid while `library` is open.
-        match init(unsafe { &*vtable }, generation, settings, max_log_level) {
+        let initialized = init(unsafe { &*vtable }, generation, settings, max_log_level);
+        pins::note_signal_handlers();
+        match initialized {
             Ok(instance) => {
                 let info = AppInfo {
                     init_duration: started.elapsed(),
@@ -238,16 +294,15 @@ impl OpenedLibrary {
                     abi_version: abi::ABI_VERSION,
                     abi_crate_version,
                 };
-                Ok(LoadedApp { library, vtable, instance, generation, info })
+                Ok(LoadedApp { library, vtable, instance, load, info })
             }
             Err(e @ OpenError::InitThreadsLeft(_)) => {
                 // Unmapping would pull the code out from under those threads.
-                std::mem::forget(library);
+                keep_mapped(library);
                 Err(e)
             }
             Err(e) => {
-                unload_guard::unregister(generation);
-                library.close();
+                release_failed(library, load, generation);
                 Err(e)
             }
         }

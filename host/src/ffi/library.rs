@@ -1,11 +1,13 @@
 //! A thin wrapper over `dlopen`/`dlsym`/`dlclose`.
 //!
 //! `libloading` would do, but the host needs two things it does not offer:
-//! the base address of the mapped object (for the thread-local destructor
-//! guard) and an honest answer to "is it still mapped after `dlclose`?".
+//! where the object is mapped (its segments, for the unload guard and the
+//! checks before an unload) and an honest answer to "is it still mapped
+//! after `dlclose`?".
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fs::File;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -100,14 +102,31 @@ impl Library {
         (!address.is_null()).then_some(address)
     }
 
-    /// Where the library is mapped: the base address `dladdr` reports for any
-    /// address inside it.
-    pub(super) fn base_of(address: *const c_void) -> Option<usize> {
-        let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
-        // SAFETY: dladdr only reads loader state and writes `info`.
-        let found = unsafe { libc::dladdr(address, info.as_mut_ptr()) };
-        // SAFETY: dladdr filled `info` when it returned non-zero.
-        (found != 0).then(|| unsafe { info.assume_init() }.dli_fbase as usize)
+    /// Where the library is mapped: its loadable segments (`PT_LOAD`), code
+    /// and data, as the dynamic loader mapped them. Empty if the loader
+    /// cannot say (then nothing is attributed to the library).
+    pub(super) fn segments(&self) -> Segments {
+        let mut map: *mut LinkMap = std::ptr::null_mut();
+        // SAFETY: `handle` is open; RTLD_DI_LINKMAP writes one pointer, to the
+        // object's `struct link_map`, into `map`.
+        let found = unsafe { libc::dlinfo(self.handle, libc::RTLD_DI_LINKMAP, (&raw mut map).cast()) };
+        if found != 0 || map.is_null() {
+            return Segments::default();
+        }
+        // SAFETY: `map` is the loader's record of this open object; its
+        // public head (`LinkMap`) is stable glibc ABI and lives while the
+        // object is open.
+        let bias = unsafe { (*map).l_addr };
+        if bias == 0 {
+            // Only a non-PIC object loads at bias 0, like the executable:
+            // it could not be told apart, so claim nothing.
+            return Segments::default();
+        }
+        let mut search = SegmentSearch { bias, found: Vec::new() };
+        // SAFETY: the callback only reads the entries dl_iterate_phdr passes
+        // and writes `search`, which outlives the call.
+        unsafe { libc::dl_iterate_phdr(Some(visit_object), (&raw mut search).cast()) };
+        Segments(search.found)
     }
 
     /// Closes the library and reports whether its code is really unmapped.
@@ -136,5 +155,62 @@ impl Drop for Library {
         if let Some(file) = self.file.take() {
             std::mem::forget(file);
         }
+    }
+}
+
+/// The public head of glibc's `struct link_map` (`<link.h>`).
+#[repr(C)]
+struct LinkMap {
+    /// The difference between the object's addresses in memory and in its file.
+    l_addr: usize,
+    l_name: *const c_char,
+    l_ld: *mut c_void,
+    l_next: *mut LinkMap,
+    l_prev: *mut LinkMap,
+}
+
+struct SegmentSearch {
+    bias: usize,
+    found: Vec<Range<usize>>,
+}
+
+/// `dl_iterate_phdr`'s callback: collects the loadable segments of the
+/// object whose load bias is `SegmentSearch::bias` (no two open objects
+/// share one), then stops the walk.
+///
+/// # Safety
+/// Called by `dl_iterate_phdr` with a valid `info`, and with the
+/// `SegmentSearch` that `Library::segments` passed as `data`.
+unsafe extern "C" fn visit_object(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+    // SAFETY: see the function's contract.
+    let (info, search) = unsafe { (&*info, &mut *data.cast::<SegmentSearch>()) };
+    if info.dlpi_addr as usize != search.bias || info.dlpi_phdr.is_null() {
+        return 0;
+    }
+    for index in 0..usize::from(info.dlpi_phnum) {
+        // SAFETY: `dlpi_phdr` points to `dlpi_phnum` program headers.
+        let header = unsafe { &*info.dlpi_phdr.add(index) };
+        if header.p_type == libc::PT_LOAD && header.p_memsz > 0 {
+            let start = search.bias.wrapping_add(header.p_vaddr as usize);
+            search.found.push(start..start.saturating_add(header.p_memsz as usize));
+        }
+    }
+    1
+}
+
+/// The address ranges an open library occupies (see [`Library::segments`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Segments(Vec<Range<usize>>);
+
+impl Segments {
+    /// Segments from `(start, end)` pairs, end exclusive.
+    #[cfg(test)]
+    pub(super) fn from_ranges(ranges: &[(usize, usize)]) -> Segments {
+        Segments(ranges.iter().map(|&(start, end)| start..end).collect())
+    }
+
+    /// Whether `address` lies in the library. Null never does.
+    pub fn contains(&self, address: usize) -> bool {
+        address != 0 && self.0.iter().any(|range| range.contains(&address))
     }
 }

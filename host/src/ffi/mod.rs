@@ -1,6 +1,8 @@
 //! Everything `unsafe` in the host: opening app libraries, calling through
-//! their C ABI, the thread-local destructor guard, the raw clock, and small
-//! process queries (user id, thread priority, descriptors, signals).
+//! their C ABI, the unload guard (thread-local destructors, thread-specific
+//! keys, which code started each thread) and the checks before an unload,
+//! the raw clock, and small process queries (user id, thread priority,
+//! descriptors, signals, shared counters).
 //!
 //! The rest of the host is safe code that uses three types from here:
 //! [`LoadedApp`] (one opened library with its initialized app), [`AppCall`]
@@ -12,10 +14,14 @@ mod app;
 pub mod clock;
 pub mod identity;
 mod library;
+mod pins;
 pub mod priority;
 pub mod process;
+mod threads;
 pub mod unload_guard;
 
 pub use app::{
-    AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, Lease, LoadedApp, OpenError, OpenedLibrary, Unloaded,
+    kept_mapped, AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, Lease, LoadedApp, OpenError,
+    OpenedLibrary, Unloaded,
 };
+pub use pins::{PinningSignal, PinningThread, Pins};

@@ -48,6 +48,7 @@ impl Server {
             in_flight: self.current.in_flight(),
             connections: self.connections.count(),
             draining: self.current.draining().len(),
+            pinned_generations: crate::generations::pinned_generations(),
             last_reload: self.reporter.last_reload(),
             service: self.reporter.service(),
         }

@@ -18,6 +18,12 @@ pub use current::Current;
 pub use generation::{Generation, InFlight};
 pub use unload::{begin_exit, wait_for_unloads};
 
+/// How many app libraries have been left mapped on purpose (threads,
+/// signal handlers or keys of theirs could still run) since the start.
+pub fn pinned_generations() -> u64 {
+    crate::ffi::kept_mapped()
+}
+
 /// The unload guard (see ARCHITECTURE.md): thread-local destructors and
 /// pthread keys of app code never run after their library is unmapped.
 pub mod unload_guard {

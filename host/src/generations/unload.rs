@@ -1,5 +1,7 @@
 //! Releasing a generation's library once its last lease is gone: the app's
-//! `shutdown` (which waits for its threads), the unload guard, `dlclose`.
+//! `shutdown` (which waits for its threads), the check for code of it that
+//! could still run (threads, signal handlers, keys: then it stays mapped),
+//! the unload guard, `dlclose`.
 //! It runs on a thread of its own at background priority, never on a
 //! request-serving one; the process waits for these threads at exit.
 
@@ -60,6 +62,11 @@ fn unload(number: u64, app: LoadedApp, timeout: Duration) {
             generation = number,
             unload_ms = ms,
             "the app's threads did not stop within {timeout:?}; its library stays loaded so they cannot crash"
+        ),
+        Unloaded::Pinned(pins) => tracing::warn!(
+            generation = number,
+            unload_ms = ms,
+            "generation {number} stays mapped: {pins}; unmapping it could crash the server"
         ),
     }
 }

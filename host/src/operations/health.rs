@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub in_flight: usize,
     pub connections: usize,
     pub draining: usize,
+    /// App libraries left mapped on purpose so far (a counter).
+    pub pinned_generations: u64,
     pub last_reload: Option<ReloadReport>,
     /// Process mode: the service as the supervisor sees it (its generation,
     /// workers, restarts, rollbacks, last reload); this process's own

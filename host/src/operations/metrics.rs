@@ -2,7 +2,8 @@
 //! the `prometheus-client` crate.
 //!
 //! Counters and histograms are updated as things happen; the gauges (in
-//! flight, connections, generation, draining) are read from the server's
+//! flight, connections, generation, draining) and the count of pinned
+//! generations (kept by the unload threads) are read from the server's
 //! state when scraped, so the request path pays for nothing it does not
 //! need. With metrics off, nothing here runs.
 //!
@@ -131,6 +132,7 @@ pub struct Metrics {
     /// Process mode: the whole service's figures, shown beside this
     /// process's own.
     service: OnceLock<Registry>,
+    pinned: Counter,
 }
 
 impl Default for Metrics {
@@ -177,6 +179,12 @@ impl Metrics {
         let connections = gauge(&mut registry, "open_connections", "Open client connections");
         let generation = gauge(&mut registry, "current_generation", "Generation serving new requests");
         let draining = gauge(&mut registry, "draining_generations", "Replaced generations still draining");
+        let pinned = Counter::default();
+        registry.register(
+            "pinned_generations",
+            "App libraries left mapped because code of theirs could still run (threads, signal handlers, keys)",
+            pinned.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -191,6 +199,7 @@ impl Metrics {
             draining,
             by_class: Default::default(),
             service: OnceLock::new(),
+            pinned,
         }
     }
 
@@ -254,6 +263,8 @@ impl Metrics {
         self.connections.set(as_gauge(snapshot.connections as u64));
         self.generation.set(as_gauge(snapshot.generation));
         self.draining.set(as_gauge(snapshot.draining as u64));
+        // A count kept elsewhere that only grows: mirrored, not incremented.
+        self.pinned.inner().store(snapshot.pinned_generations, std::sync::atomic::Ordering::Relaxed);
         let mut text = String::new();
         let _consistent = read(&self.retired);
         if encode(&mut text, &self.registry, self.service.get()).is_err() {
@@ -298,6 +309,7 @@ mod tests {
             draining: 0,
             last_reload: None,
             service: None,
+            pinned_generations: 0,
         }
     }
 

@@ -14,7 +14,7 @@ use super::reload::{reload_and_wait, RELOAD_TIMEOUT};
 /// Log text that every unload outcome line carries.
 const UNLOAD_FIELD: &str = "unload_ms=";
 /// Unload outcomes that leave a library mapped.
-const KEPT_MAPPED: [&str; 2] = ["kept its library mapped", "its library stays loaded"];
+const KEPT_MAPPED: [&str; 3] = ["kept its library mapped", "its library stays loaded", "stays mapped:"];
 
 /// The figures after some number of reloads.
 #[derive(Clone, Debug, PartialEq)]
