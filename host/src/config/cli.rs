@@ -130,6 +130,13 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_SEND_TIMEOUT", value_name = "DURATION", value_parser = parse_timeout_or_off)]
     pub send_timeout: Option<TimeoutOrOff>,
 
+    /// Log a warning (once per call, with generation, method and path) when
+    /// one call into app code (a handler's poll, a stream's, drain,
+    /// shutdown) has run this long on a server thread: a handler that
+    /// blocks or spins. `off` turns the watchdog off. Default: 1s.
+    #[arg(long, env = "POUNCE_STALL_WARNING", value_name = "DURATION", value_parser = parse_timeout_or_off)]
+    pub stall_warning: Option<TimeoutOrOff>,
+
     /// Largest request body accepted, e.g. 512KiB, 4MiB or 1MB.
     /// Default: 1MiB.
     #[arg(long, env = "POUNCE_MAX_BODY_SIZE", value_name = "SIZE", value_parser = parse_size)]

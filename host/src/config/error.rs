@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Top-level keys of the config file, listed in the unknown-key error.
 /// `library` is not among them: only the command line chooses which code
 /// runs.
-pub const FILE_KEYS: [&str; 33] = [
+pub const FILE_KEYS: [&str; 34] = [
     "host",
     "port",
     "workers",
@@ -19,6 +19,7 @@ pub const FILE_KEYS: [&str; 33] = [
     "keep_alive_timeout",
     "header_timeout",
     "send_timeout",
+    "stall_warning",
     "max_body_size",
     "max_header_size",
     "h2_max_concurrent_streams",

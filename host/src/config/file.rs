@@ -42,6 +42,7 @@ fn read(path: &Path) -> Result<Layer, ConfigError> {
             "keep_alive_timeout" => put(&mut layer.keep_alive_timeout, timeout(value)),
             "header_timeout" => put(&mut layer.header_timeout, timeout(value)),
             "send_timeout" => put(&mut layer.send_timeout, timeout_or_off(value)),
+            "stall_warning" => put(&mut layer.stall_warning, timeout_or_off(value)),
             "max_body_size" => put(&mut layer.max_body_size, size(value)),
             "max_header_size" => put(&mut layer.max_header_size, size(value).and_then(check_header_size)),
             "h2_max_concurrent_streams" => {

@@ -30,6 +30,7 @@ pub struct Layer {
     pub header_timeout: Option<Duration>,
     /// `Some(None)` means explicitly turned off.
     pub send_timeout: Option<Option<Duration>>,
+    pub stall_warning: Option<Option<Duration>>,
     pub max_body_size: Option<u64>,
     pub max_header_size: Option<usize>,
     pub h2_max_concurrent_streams: Option<u32>,
@@ -71,6 +72,7 @@ impl Layer {
             keep_alive_timeout: flag("keep_alive_timeout", args.keep_alive_timeout, check_timeout)?,
             header_timeout: flag("header_timeout", args.header_timeout, check_timeout)?,
             send_timeout: flag("send_timeout", args.send_timeout, check_timeout_or_off)?,
+            stall_warning: flag("stall_warning", args.stall_warning, check_timeout_or_off)?,
             max_body_size: args.max_body_size,
             max_header_size: flag("max_header_size", args.max_header_size, check_header_size)?,
             h2_max_concurrent_streams: flag("h2_max_concurrent_streams", args.h2_max_concurrent_streams, |n| {

@@ -35,6 +35,7 @@ const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_STALL_WARNING: Duration = Duration::from_secs(1);
 const DEFAULT_MAX_BODY_SIZE: u64 = 1 << 20;
 const DEFAULT_MAX_HEADER_SIZE: usize = 64 << 10;
 const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 200;
@@ -62,6 +63,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// `None` when turned off.
     pub send_timeout: Option<Duration>,
+    /// `None`: no stall watchdog.
+    pub stall_warning: Option<Duration>,
     pub max_body_size: u64,
     pub max_header_size: usize,
     pub h2_max_concurrent_streams: u32,
@@ -154,6 +157,7 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
         keep_alive_timeout: flags.keep_alive_timeout.or(file.keep_alive_timeout).unwrap_or(DEFAULT_KEEP_ALIVE_TIMEOUT),
         header_timeout: flags.header_timeout.or(file.header_timeout).unwrap_or(DEFAULT_HEADER_TIMEOUT),
         send_timeout: flags.send_timeout.or(file.send_timeout).unwrap_or(Some(DEFAULT_SEND_TIMEOUT)),
+        stall_warning: flags.stall_warning.or(file.stall_warning).unwrap_or(Some(DEFAULT_STALL_WARNING)),
         max_body_size: flags.max_body_size.or(file.max_body_size).unwrap_or(DEFAULT_MAX_BODY_SIZE),
         max_header_size: flags.max_header_size.or(file.max_header_size).unwrap_or(DEFAULT_MAX_HEADER_SIZE),
         h2_max_concurrent_streams: flags
@@ -386,6 +390,7 @@ mod tests {
             keep_alive_timeout = "500ms"
             header_timeout = "1m"
             send_timeout = "2s"
+            stall_warning = "off"
             max_body_size = "4MiB"
             max_header_size = 16384
             h2_max_concurrent_streams = 64
@@ -414,6 +419,7 @@ mod tests {
         assert_eq!(config.keep_alive_timeout, Duration::from_millis(500));
         assert_eq!(config.header_timeout, Duration::from_secs(60));
         assert_eq!(config.send_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(config.stall_warning, None);
         assert_eq!(config.max_body_size, 4 << 20);
         assert_eq!(config.max_header_size, 16384);
         assert_eq!(config.h2_max_concurrent_streams, 64);
@@ -652,6 +658,7 @@ mod tests {
             keep_alive_timeout = 1
             header_timeout = 1
             send_timeout = "off"
+            stall_warning = "2s"
             max_body_size = 1
             max_header_size = "8KiB"
             h2_max_concurrent_streams = 1

@@ -18,6 +18,7 @@ use http_body::{Frame, SizeHint};
 use super::access::RequestRecord;
 use super::connection::Activity;
 use crate::ffi::AppStream;
+use crate::generations::stalls::{self, CallKind};
 use crate::generations::InFlight;
 
 /// Why a streamed body was cut short.
@@ -92,6 +93,8 @@ impl http_body::Body for ResponseBody {
                 if retired.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(BodyAborted::Retired)));
                 }
+                let generation = this._in_flight.as_ref().map_or(0, |in_flight| in_flight.generation.number());
+                let _running = stalls::enter(CallKind::Stream, generation, None);
                 stream.poll_chunk(cx).map(|chunk| chunk.map(|c| c.map_err(|_| BodyAborted::StreamFailed)))
             }
         };

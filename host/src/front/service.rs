@@ -25,6 +25,7 @@ use super::host::{host_answer, too_large};
 use super::server::Server;
 use crate::config::format_duration;
 use crate::ffi::{AppBody, AppCall, AppResponse, CallError};
+use crate::generations::stalls::{self, CallKind};
 use crate::generations::InFlight;
 
 pub async fn handle(
@@ -74,10 +75,16 @@ async fn answer(
     let number = generation.number();
     connection.serves(number);
     let in_flight = InFlight::start(generation.clone());
+    // What the stall watchdog names if the handler blocks (cheap: standard
+    // methods are constants, a URI shares its bytes).
+    let head = (request.method().clone(), request.uri().clone());
     let call = AppCall::start(generation, request, connection.peer, config.max_body_size);
-    let outcome = run(call, &in_flight, config.request_timeout).await;
+    let outcome = run(call, &in_flight, config.request_timeout, head).await;
     (respond(outcome, in_flight, config.max_body_size), Some(number))
 }
+
+/// A request's method and URI.
+type Head = (http::Method, http::Uri);
 
 /// How an app call ended.
 enum Outcome {
@@ -87,13 +94,20 @@ enum Outcome {
     Retired,
 }
 
-async fn run(mut call: AppCall, in_flight: &InFlight, timeout: std::time::Duration) -> Outcome {
-    let first = poll_fn(|cx| Poll::Ready(Pin::new(&mut call).poll(cx))).await;
+async fn run(mut call: AppCall, in_flight: &InFlight, timeout: std::time::Duration, request: Head) -> Outcome {
+    let generation = in_flight.generation.number();
+    // Every poll of the handler counts as a running app call, for the stall
+    // watchdog.
+    let mut poll = |cx: &mut std::task::Context<'_>| {
+        let _running = stalls::enter(CallKind::Handler, generation, Some((&request.0, &request.1)));
+        Pin::new(&mut call).poll(cx)
+    };
+    let first = poll_fn(|cx| Poll::Ready(poll(cx))).await;
     let result = match first {
         Poll::Ready(result) => result,
         Poll::Pending => {
             tokio::select! {
-                result = &mut call => result,
+                result = poll_fn(&mut poll) => result,
                 () = tokio::time::sleep(timeout) => return Outcome::TimedOut(timeout),
                 () = in_flight.generation.cancelled() => return Outcome::Retired,
             }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use super::stalls::{self, CallKind};
 use super::unload;
 use crate::ffi::{AppInfo, Lease, LoadedApp};
 
@@ -100,9 +101,10 @@ impl Generation {
     /// while it runs.
     pub fn drain_in_background(self: &Arc<Self>) {
         let generation = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("pounce-drain-g{}", self.number))
-            .spawn(move || generation.app().drain());
+        let spawned = std::thread::Builder::new().name(format!("pounce-drain-g{}", self.number)).spawn(move || {
+            let _running = stalls::enter(CallKind::Drain, generation.number, None);
+            generation.app().drain();
+        });
         if let Err(e) = spawned {
             tracing::warn!(generation = self.number, "cannot start the app's drain: {e}");
         }

@@ -11,6 +11,7 @@ pub mod elf;
 mod generation;
 pub mod loader;
 pub mod snapshot;
+pub mod stalls;
 pub mod trust;
 mod unload;
 

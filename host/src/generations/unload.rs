@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::stalls::{self, CallKind};
 use crate::ffi::{priority, LoadedApp, Unloaded};
 
 /// Set once the process is exiting (see [`begin_exit`]).
@@ -27,6 +28,7 @@ pub(super) fn release(number: u64, app: LoadedApp, timeout: Duration) {
     let exiting = EXITING.load(Ordering::SeqCst);
     let spawned = std::thread::Builder::new().name(format!("pounce-unload-g{number}")).spawn(move || {
         priority::lower_this_thread();
+        let _running = stalls::enter(CallKind::Shutdown, number, None);
         if exiting {
             app.shut_down_for_exit(timeout);
         } else {

@@ -3,7 +3,8 @@
 //! ([`drain`]), the shutdown sequence ([`shutdown`]) and the file watcher
 //! that triggers reloads in development ([`watch`]); thread mode's
 //! [`preflight`] of a new library in a child process; describing how a
-//! child process ended ([`exit`]).
+//! child process ended ([`exit`]); the watchdog that reports app calls
+//! that block a server thread ([`stall_watch`]).
 //!
 //! The top layer: imports `front`, `generations`, `operations`, `config`.
 
@@ -14,4 +15,5 @@ pub mod reload;
 pub mod serve;
 pub mod shutdown;
 pub mod signals;
+pub mod stall_watch;
 pub mod watch;

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use super::signals::{Request, Signals};
 use super::watch::{self, WatchError, WatchSpec};
-use super::{reload, shutdown};
+use super::{reload, shutdown, stall_watch};
 use crate::config::Config;
 use crate::front::listener::{self, BindError};
 use crate::front::{connections, Server};
@@ -80,6 +80,7 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     let server = Arc::new(Server::new(config, first.generation));
     tokio::spawn(listener::accept_loop(server.clone(), listener));
     tokio::spawn(connections::sweep(server.connections.clone()));
+    stall_watch::spawn(&server);
     server.reporter.emit(Event::Ready {
         address,
         app: &info.name,

@@ -65,6 +65,14 @@ pub enum Event<'a> {
         took: Duration,
         connections: usize,
     },
+    /// A call into app code has run for `running` on a server thread.
+    AppCallStalled {
+        kind: &'static str,
+        generation: u64,
+        request: Option<&'a str>,
+        running: Duration,
+        thread: &'a str,
+    },
     /// Process mode: a worker process started (it is not serving yet).
     WorkerStarted {
         pid: u32,
@@ -180,6 +188,18 @@ impl Event<'_> {
                 shutdown_ms = ms(took),
                 connections,
                 "shutdown_timeout reached; closing the remaining connections"
+            ),
+            Event::AppCallStalled { kind, generation, request, running, thread } => tracing::warn!(
+                event = "app_call_stalled",
+                kind,
+                generation,
+                request,
+                running_ms = ms(running),
+                thread,
+                "app {kind}{} of generation {generation} has been running for {:.1}s on thread {thread}: \
+                 it blocks or spins; in thread mode nothing can stop it (process mode replaces a hung worker)",
+                request.map(|r| format!(" for {r}")).unwrap_or_default(),
+                running.as_secs_f64()
             ),
             Event::WorkerStarted { pid, generation } => {
                 tracing::debug!(event = "worker_started", pid, generation, "worker {pid} of generation {generation} started")

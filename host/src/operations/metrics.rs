@@ -107,6 +107,11 @@ enum Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DrainLabels {
     timed_out: bool,
 }
@@ -133,6 +138,7 @@ pub struct Metrics {
     /// process's own.
     service: OnceLock<Registry>,
     pinned: Counter,
+    stalled: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -185,6 +191,12 @@ impl Metrics {
             "App libraries left mapped because code of theirs could still run (threads, signal handlers, keys)",
             pinned.clone(),
         );
+        let stalled = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "stalled_app_calls",
+            "Calls into app code that ran longer than --stall-warning on a server thread, by kind",
+            stalled.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -200,6 +212,7 @@ impl Metrics {
             by_class: Default::default(),
             service: OnceLock::new(),
             pinned,
+            stalled,
         }
     }
 
@@ -250,6 +263,11 @@ impl Metrics {
         let outcome = if ok { Outcome::ok } else { Outcome::failed };
         self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
         self.reload_duration.observe(duration.as_secs_f64());
+    }
+
+    /// An app call of `kind` (handler, stream, init, drain, shutdown) stalled.
+    pub fn stalled(&self, kind: &'static str) {
+        self.stalled.get_or_create(&KindLabels { kind }).inc();
     }
 
     pub fn drained(&self, duration: Duration, timed_out: bool) {

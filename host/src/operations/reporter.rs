@@ -72,7 +72,6 @@ impl Reporter {
     /// Logs `event`, tells systemd, counts it, and keeps the last reload's
     /// outcome for the health endpoint.
     pub fn emit(&self, event: Event<'_>) {
-        event.log();
         match event {
             Event::GenerationLoaded { generation, total, .. } => {
                 *lock(&self.last_reload) = Some(report("ok", generation, None, total));
@@ -82,12 +81,16 @@ impl Reporter {
                 *lock(&self.last_reload) = Some(report("failed", serving, Some(reason.to_owned()), total));
                 self.count(|m| m.reload(false, total));
             }
+            Event::AppCallStalled { kind, .. } => self.count(|m| m.stalled(kind)),
             Event::GenerationRetired { generation, drain, timed_out } => self.count(|m| {
                 m.drained(drain, timed_out);
                 m.retire(generation);
             }),
             _ => {}
         }
+        // Logged after it is counted and recorded: whoever reads the line
+        // then finds it in the metrics and the health endpoint too.
+        event.log();
         self.tell_systemd(&event);
     }
 

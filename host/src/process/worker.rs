@@ -32,6 +32,7 @@ use crate::generations::unload_guard;
 use crate::lifecycle::serve::StartError;
 use crate::lifecycle::shutdown::{self, hard_deadline};
 use crate::lifecycle::signals::{Request, Signals};
+use crate::lifecycle::stall_watch;
 
 /// What the supervisor told this worker on its command line.
 pub struct Assignment {
@@ -67,6 +68,7 @@ pub async fn run(config: Config, max_log_level: u32, assignment: Assignment) -> 
     show_service_totals(&server)?;
     tokio::spawn(listener::accept_loop(server.clone(), socket));
     tokio::spawn(connections::sweep(server.connections.clone()));
+    stall_watch::spawn(&server);
     let ready = FromWorker::Ready {
         app: info.name,
         app_version: info.version,
