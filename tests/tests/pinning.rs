@@ -193,6 +193,16 @@ static const char *fixture_init(void) {
 }
 "#;
 
+/// Starts the server without the thread-mode preflight: what is under test
+/// is the serving process's own guard, and the preflight (a child process
+/// loading each new library first) would keep some of these libraries out
+/// of it.
+fn start(library: &std::path::Path, args: &[&str]) -> Server {
+    let mut args = args.to_vec();
+    args.extend(["--preflight", "off"]);
+    Server::start(library, &args)
+}
+
 /// Waits until the log contains `needle`; fails at once if the server dies.
 fn wait_for(server: &mut Server, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -241,7 +251,7 @@ async fn pinned_total(server: &Server) -> String {
 async fn threads_pin_their_generation(library: &std::path::Path, args: &[&str], body: &str, name: &str) {
     let mut args = args.to_vec();
     args.extend(["--metrics-path", "/metrics"]);
-    let mut server = Server::start(library, &args);
+    let mut server = start(library, &args);
     serves(&server, body).await;
 
     reload(&mut server, 2);
@@ -285,7 +295,7 @@ async fn a_failed_load_that_left_a_thread_stays_mapped() {
     let failing = fixture(&dir, "failing", FAILING_AFTER_A_THREAD);
     let served = dir.join("libapp.so");
     replace_file(&plain, &served);
-    let mut server = Server::start(&served, &[]);
+    let mut server = start(&served, &[]);
     replace_file(&failing, &served);
     server.signal(libc::SIGHUP);
     wait_for(&mut server, "init failed on purpose");
@@ -307,7 +317,7 @@ async fn a_failed_load_that_left_a_thread_stays_mapped() {
 async fn a_sighup_handler_in_the_app_keeps_reloads_working() {
     let dir = TempDir::new("pin-sighup");
     let library = fixture(&dir, "sighup", SIGHUP_HANDLER);
-    let mut server = Server::start(&library, &[]);
+    let mut server = start(&library, &[]);
     serves(&server, "fixture ok\n").await;
 
     // Generation 1's handler gets this SIGHUP and chains to the host's.
@@ -331,7 +341,7 @@ async fn pthread_keys_with_free_as_destructor_never_run_out() {
     const RELOADS: usize = 1100;
     let dir = TempDir::new("pin-keys");
     let library = fixture(&dir, "keys", FREE_KEYS);
-    let mut server = Server::start(&library, &[]);
+    let mut server = start(&library, &[]);
     serves(&server, "fixture ok\n").await;
     let loaded = "event=\"generation_loaded\"";
     let started = Instant::now();
