@@ -10,6 +10,7 @@
 //! deploy that replaces the file meanwhile cannot slip in bytes that were
 //! not checked.
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -23,14 +24,36 @@ use crate::generations::snapshot::Snapshot;
 /// Where the child finds the snapshot.
 const SNAPSHOT_FD: i32 = 3;
 
-/// Loads `snapshot` in a child process, bounded by `reload_timeout`;
-/// returns how long it took.
-pub fn check(config: &Config, snapshot: &Snapshot) -> Result<Duration, LoadError> {
+/// What the child loads.
+pub enum Target<'a> {
+    /// The bytes the serving process will load next.
+    Snapshot(&'a Snapshot),
+    /// The library file itself: where in-memory files are not available
+    /// (the file could change between the preflight and the load).
+    File(&'a Path),
+}
+
+impl Target<'_> {
+    fn source(&self) -> &Path {
+        match self {
+            Target::Snapshot(snapshot) => &snapshot.source,
+            Target::File(path) => path,
+        }
+    }
+}
+
+/// Loads `target` in a child process, bounded by `reload_timeout`; returns
+/// how long it took.
+pub fn check(config: &Config, target: Target<'_>) -> Result<Duration, LoadError> {
     let started = Instant::now();
-    let failed = |reason: String| LoadError::Preflight { path: snapshot.source.clone(), reason };
-    let mut command = check_command(config);
-    let child = spawn_with_fds(&mut command, &[(snapshot.raw_fd(), SNAPSHOT_FD)])
-        .map_err(|e| failed(format!("cannot start it: {e}")))?;
+    let source = target.source().to_owned();
+    let failed = |reason: String| LoadError::Preflight { path: source.clone(), reason };
+    let mut command = check_command(config, &target);
+    let fds: &[(i32, i32)] = match &target {
+        Target::Snapshot(snapshot) => &[(snapshot.raw_fd(), SNAPSHOT_FD)],
+        Target::File(_) => &[],
+    };
+    let child = spawn_with_fds(&mut command, fds).map_err(|e| failed(format!("cannot start it: {e}")))?;
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
@@ -43,7 +66,7 @@ pub fn check(config: &Config, snapshot: &Snapshot) -> Result<Duration, LoadError
     let limit = config.reload_timeout + Duration::from_secs(2);
     match rx.recv_timeout(limit) {
         Ok(Ok(output)) if output.status.success() => Ok(started.elapsed()),
-        Ok(Ok(output)) => Err(failed(reason(&output, snapshot))),
+        Ok(Ok(output)) => Err(failed(reason(&output, &source))),
         Ok(Err(e)) => Err(failed(format!("cannot wait for it: {e}"))),
         Err(_) => {
             kill(pid, libc::SIGKILL);
@@ -52,21 +75,28 @@ pub fn check(config: &Config, snapshot: &Snapshot) -> Result<Duration, LoadError
     }
 }
 
-/// `pounce-host check` of the snapshot with the app's settings: trust was
-/// checked when the snapshot was taken (the in-memory copy has no owner a
-/// trust check could judge), and its own limit is `reload_timeout`.
-fn check_command(config: &Config) -> Command {
+/// `pounce-host check` of the target with the app's settings, its own limit
+/// `reload_timeout`. A snapshot's trust was checked when it was taken (the
+/// in-memory copy has no owner a trust check could judge); a file is
+/// checked as a load would.
+fn check_command(config: &Config, target: &Target<'_>) -> Command {
     let mut command = Command::new("/proc/self/exe");
     command
         .arg("check")
         .args(["--timeout", &format_duration(config.reload_timeout)])
-        .arg("--allow-insecure-library")
         .arg("--staging-dir")
         .arg(&config.staging_dir);
+    let trust_checked = matches!(target, Target::Snapshot(_)) || config.allow_insecure_library;
+    if trust_checked {
+        command.arg("--allow-insecure-library");
+    }
     for (key, value) in &config.app_args {
         command.arg("--app-arg").arg(format!("{key}={value}"));
     }
-    command.arg(format!("/proc/self/fd/{SNAPSHOT_FD}"));
+    match target {
+        Target::Snapshot(_) => command.arg(format!("/proc/self/fd/{SNAPSHOT_FD}")),
+        Target::File(path) => command.arg(path),
+    };
     // The settings above are the merged ones: no file or variable may add to them.
     for name in ["POUNCE_CONFIG", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"] {
         command.env_remove(name);
@@ -77,7 +107,7 @@ fn check_command(config: &Config) -> Command {
 
 /// Why the child failed: the signal that killed it, or its error message
 /// (naming the library file rather than the descriptor it read).
-fn reason(output: &Output, snapshot: &Snapshot) -> String {
+fn reason(output: &Output, source: &Path) -> String {
     let how = describe(output.status);
     if std::os::unix::process::ExitStatusExt::signal(&output.status).is_some() {
         return format!("the library crashed it: it {how}");
@@ -88,6 +118,6 @@ fn reason(output: &Output, snapshot: &Snapshot) -> String {
         .rev()
         .find_map(|line| line.strip_prefix("pounce-host: error: "))
         .unwrap_or(stderr.trim())
-        .replace(&format!("/proc/self/fd/{SNAPSHOT_FD}"), &snapshot.source.display().to_string());
+        .replace(&format!("/proc/self/fd/{SNAPSHOT_FD}"), &source.display().to_string());
     format!("it {how}: {message}")
 }

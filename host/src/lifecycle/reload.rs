@@ -12,7 +12,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use super::drain;
-use super::preflight;
+use super::preflight::{self, Target};
 use crate::config::Config;
 use crate::front::Server;
 use crate::generations::loader::{LoadError, Loaded, Loader};
@@ -41,11 +41,20 @@ fn prepare(config: &Config, loader: &Loader, number: u64) -> Result<Loaded, Load
     if !config.preflight {
         return loader.load(number);
     }
+    // Without in-memory files (the loader stages copies in a directory),
+    // the child checks the file itself.
+    if loader.staging_dir().is_some() {
+        passed(number, preflight::check(config, Target::File(loader.source()))?);
+        return loader.load(number);
+    }
     let snapshot = Snapshot::take(loader.source(), number, config.allow_insecure_library)?;
-    let took = preflight::check(config, &snapshot)?;
-    tracing::debug!(generation = number, preflight_ms = took.as_secs_f64() * 1000.0, "preflight passed");
+    passed(number, preflight::check(config, Target::Snapshot(&snapshot))?);
     let bytes = snapshot.reader().map_err(|error| LoadError::Unreadable { path: snapshot.source.clone(), error })?;
     loader.load_from(number, bytes)
+}
+
+fn passed(generation: u64, took: std::time::Duration) {
+    tracing::debug!(generation, preflight_ms = took.as_secs_f64() * 1000.0, "preflight passed");
 }
 
 /// One reload. Returns whether generation `number` was published.
