@@ -81,25 +81,28 @@ thread_local! {
     };
 }
 
-/// Marks an app call as running on this thread until dropped.
+/// Marks an app call as running on this thread until dropped (on this
+/// thread: it is not `Send`).
 #[must_use = "the call counts as running while the guard lives"]
-pub struct AppCall(Arc<Slot>);
+pub struct AppCall(std::marker::PhantomData<*const ()>);
 
 /// Notes that `kind` app code of `generation` runs on this thread (for a
 /// handler or stream: serving `request`).
 pub fn enter(kind: CallKind, generation: u64, request: Option<(&Method, &Uri)>) -> AppCall {
-    let slot = SLOT.with(Arc::clone);
-    if let Ok(mut call) = slot.call.try_lock() {
-        *call = Some(Call { kind, generation, request: request.map(|(m, u)| (m.clone(), u.clone())) });
-    }
-    slot.sequence.fetch_add(1, Ordering::Relaxed);
-    slot.busy.store(true, Ordering::Release);
-    AppCall(slot)
+    SLOT.with(|slot| {
+        if let Ok(mut call) = slot.call.try_lock() {
+            *call = Some(Call { kind, generation, request: request.map(|(m, u)| (m.clone(), u.clone())) });
+        }
+        slot.sequence.fetch_add(1, Ordering::Relaxed);
+        slot.busy.store(true, Ordering::Release);
+    });
+    AppCall(std::marker::PhantomData)
 }
 
 impl Drop for AppCall {
     fn drop(&mut self) {
-        self.0.busy.store(false, Ordering::Release);
+        // A thread's slot lives as long as the thread: still there.
+        let _ = SLOT.try_with(|slot| slot.busy.store(false, Ordering::Release));
     }
 }
 
