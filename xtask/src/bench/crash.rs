@@ -160,22 +160,24 @@ fn first_answer_from_replacement(
     while Instant::now() < deadline {
         procs::check_interrupted()?;
         if let Some((stream, answered)) = get_hello(server.addr) {
-            let Some(inode) = sockets::socket_inode(v4(server.addr)?, v4(stream.local_addr()?)?)? else { continue };
-            if sockets::owner(inode, &before).is_some() {
-                meanwhile += 1;
-            } else {
+            match sockets::socket_inode(v4(server.addr)?, v4(stream.local_addr()?)?)? {
+                Some(inode) if sockets::owner(inode, &before).is_some() => meanwhile += 1,
                 // Not a worker from before the crash: make sure it is a new
                 // one (scanning /proc takes milliseconds, so only now).
-                let fresh: Vec<i32> =
-                    procs::descendants(server.pid()).into_iter().filter(|pid| !before.contains(pid)).collect();
-                if sockets::owner(inode, &fresh).is_some() {
+                Some(inode) if sockets::owner(inode, &new_workers(server, &before)).is_some() => {
                     return Ok(Some((answered, meanwhile)));
                 }
+                _ => {}
             }
         }
         std::thread::sleep(POLL);
     }
     Ok(None)
+}
+
+/// The server's worker processes that are not in `before`.
+fn new_workers(server: &Server, before: &[i32]) -> Vec<i32> {
+    procs::descendants(server.pid()).into_iter().filter(|pid| !before.contains(pid)).collect()
 }
 
 fn connect(addr: SocketAddr) -> Result<TcpStream> {
