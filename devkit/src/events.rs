@@ -12,14 +12,15 @@ use std::net::SocketAddr;
 /// The address a pounce-host listens on, if `line` is its `server_ready`
 /// event: how a tool that started it with `--port 0` learns the port.
 pub fn ready_address(line: &str) -> Option<SocketAddr> {
-    if field(line, "event")? != "server_ready" {
+    if log_field(line, "event")? != "server_ready" {
         return None;
     }
-    field(line, "address")?.parse().ok()
+    log_field(line, "address")?.parse().ok()
 }
 
-/// The value of field `name` in one log line of either format, unquoted.
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+/// The value of field `name` in one log line of either format, unquoted:
+/// how a tool reads an event's data (`log_field(line, "event")` names it).
+pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     if line.trim_start().starts_with('{') {
         json_field(line, name)
     } else {
@@ -27,12 +28,16 @@ fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     }
 }
 
-/// `"name":"value"`. Only string values without escapes are read, which is
-/// what event names and addresses are. A key quoted inside another string
-/// is escaped (`\"name\":`), so it does not match.
+/// `"name":"value"` (strings without escapes, which is what event names
+/// and addresses are) or `"name":12.5` (numbers, booleans). A key quoted
+/// inside another string is escaped (`\"name\":`), so it does not match.
 fn json_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let key = format!("\"{name}\":");
-    quoted(line[line.find(&key)? + key.len()..].trim_start())
+    let rest = line[line.find(&key)? + key.len()..].trim_start();
+    if rest.starts_with('"') {
+        return quoted(rest);
+    }
+    rest.split([',', '}']).next().map(str::trim_end).filter(|value| !value.is_empty())
 }
 
 /// `name=value` (a field recorded with `Display`, such as the address) or
@@ -78,6 +83,18 @@ mod tests {
         assert_eq!(ready_address(line), addr("127.0.0.1:38377"));
         let ipv6 = r#"{"level":"INFO","event": "server_ready","address": "[::1]:8000"}"#;
         assert_eq!(ready_address(ipv6), addr("[::1]:8000"));
+    }
+
+    #[test]
+    fn reads_any_field_of_an_event() {
+        let text = "INFO x: worker 7 of generation 2 serving event=\"worker_ready\" pid=7 generation=2 startup_ms=12.5";
+        let json = r#"{"message":"worker 7 serving","event":"worker_ready","pid":7,"generation":2,"startup_ms":12.5}"#;
+        for line in [text, json] {
+            assert_eq!(log_field(line, "event"), Some("worker_ready"), "{line}");
+            assert_eq!(log_field(line, "pid"), Some("7"), "{line}");
+            assert_eq!(log_field(line, "startup_ms"), Some("12.5"), "{line}");
+            assert_eq!(log_field(line, "how"), None, "{line}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!   builds are, and the cargo to build with;
 //! - [`ready_address`]: the address a started pounce-host listens on, read
 //!   from its machine-readable `server_ready` event (text or JSON logs);
+//!   [`log_field`]: any field of any event line, for tools that read more;
 //! - [`is_editor_temp`]: files editors write beside the one being saved,
 //!   which no watcher should react to.
 //!
@@ -16,5 +17,5 @@ mod events;
 mod workspace;
 
 pub use editor::is_editor_temp;
-pub use events::ready_address;
+pub use events::{log_field, ready_address};
 pub use workspace::{cargo, target_dir, workspace};

@@ -54,6 +54,53 @@ fn status_field(status: &str, name: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A server's memory: its own process first, then the ones it started
+/// (process mode's workers).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Footprint {
+    pub processes: Vec<ProcessMemory>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProcessMemory {
+    pub pid: i32,
+    pub rss_kib: u64,
+    /// Proportional set size: shared pages (the supervisor's and a worker's
+    /// copy of the same executable) divided among the sharers, so the PSS
+    /// of a process tree adds up where RSS counts shared pages twice.
+    pub pss_kib: u64,
+}
+
+impl Footprint {
+    /// The footprint of `root` and its descendants now (one that ends
+    /// while being read is left out).
+    pub fn of(root: i32) -> Result<Footprint> {
+        let descendants = procs::descendants(root).into_iter().filter_map(|pid| ProcessMemory::of(pid).ok());
+        Ok(Footprint { processes: std::iter::once(ProcessMemory::of(root)?).chain(descendants).collect() })
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        self.processes.iter().map(|p| p.rss_kib).sum()
+    }
+
+    pub fn pss_kib(&self) -> u64 {
+        self.processes.iter().map(|p| p.pss_kib).sum()
+    }
+}
+
+impl ProcessMemory {
+    fn of(pid: i32) -> Result<ProcessMemory> {
+        Ok(ProcessMemory { pid, rss_kib: rss_kib(pid)?[0], pss_kib: pss_kib(pid)? })
+    }
+}
+
+/// `Pss` of `pid` (/proc/PID/smaps_rollup), in KiB.
+pub fn pss_kib(pid: i32) -> Result<u64> {
+    let rollup =
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).context("cannot read /proc/PID/smaps_rollup")?;
+    status_field(&rollup, "Pss").context("no Pss in /proc/PID/smaps_rollup")
+}
+
 /// How many distinct app library copies `pid` has mapped.
 pub fn mapped_copies(pid: i32) -> Result<usize> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).context("cannot read /proc/PID/maps")?;
@@ -147,6 +194,8 @@ mod tests {
         assert_eq!(parse_mapped_copies(maps), 3);
         assert_eq!(mapped_copies(std::process::id() as i32).unwrap(), 0);
         assert!(rss_kib(std::process::id() as i32).unwrap()[0] > 0);
+        let footprint = Footprint::of(std::process::id() as i32).unwrap();
+        assert!(footprint.rss_kib() >= footprint.pss_kib() && footprint.pss_kib() > 0, "{footprint:?}");
         assert!(open_fds(std::process::id() as i32).unwrap() >= 3);
     }
 }

@@ -1,18 +1,25 @@
-//! `cargo xtask bench`: pounce-host serving the sample app against a plain
-//! hyper server with the same handler compiled in (bench/baseline), on one
-//! machine, in one run. See `USAGE` for what it measures.
+//! `cargo xtask bench`: pounce-host serving the sample app, in thread mode
+//! and in process mode, against a plain hyper server with the same handler
+//! compiled in (bench/baseline), on one machine, in one run. See `USAGE`
+//! for what it measures.
 //!
-//! Modules: `procs` (processes, pinning, cleanup), `wrk` (throughput),
-//! `loadgen` (fixed-rate latency), `reload` (the reload storm), `memory`
-//! (RSS and mapped copies across reloads), `criterion` (the request-path
-//! micro-benchmark), `report` (figures, targets, Markdown).
+//! Modules: `procs` (processes, pinning, cleanup, the servers' kinds:
+//! baseline, thread mode, process mode), `events` (the host's log events),
+//! `wrk` (throughput), `loadgen` (fixed-rate latency), `reload` (the reload
+//! storm), `memory` (RSS and mapped copies across reloads, a server's
+//! footprint), `crash` (process mode's crash recovery; `sockets` tells
+//! which worker answered), `criterion` (the request-path micro-benchmark),
+//! `report` (figures, targets, Markdown).
 
+mod crash;
 mod criterion;
+mod events;
 mod loadgen;
 mod memory;
 mod procs;
 mod reload;
 mod report;
+mod sockets;
 mod wrk;
 
 use std::path::{Path, PathBuf};
@@ -20,34 +27,41 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
+use memory::Footprint;
 use procs::{Binaries, CpuWatch, Kind, Pinning, Server};
 use report::{Comparison, Latency, Machine, Report, Throughput};
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--duration SECS] [--runs N] [--rate REQ_PER_SEC]
-                         [--no-criterion] [--out FILE]
+                         [--crashes N] [--no-criterion] [--out FILE]
 
 Builds pounce-host, the sample app and the baseline (bench/baseline, a plain
 hyper server with the same handler compiled in) in release mode, then, with
 the server pinned to one core and the load generator to another:
 
-  1. keep-alive throughput (wrk -t1 -c64), baseline and pounce-host
-     alternating, --runs times each: medians and the ratio pounce/baseline
-  2. the same with a new connection per request (Connection: close)
+  1. keep-alive throughput (wrk -t1 -c64), the baseline, pounce-host in
+     thread mode and in process mode (one worker process) alternating,
+     --runs times each: medians, ratios, server CPU per request, memory
+  2. the same with a new connection per request (Connection: close),
+     baseline and thread mode
   3. latency at a fixed rate (default 30% of the baseline's keep-alive
      throughput) with coordinated-omission correction: p50, p99, p99.9
-  4. a reload storm: 100 SIGHUPs at 10/s under keep-alive load; failures,
-     throughput and p99 against steady state, reload durations
+  4. a reload storm in each mode: 100 SIGHUPs at 10/s under keep-alive
+     load; failures, throughput and p99 against steady state, signal to
+     new generation published
   5. memory: RSS and app copies mapped after 100 and 1000 reloads
   6. the criterion micro-benchmark host/benches/request_path.rs
+  7. process mode's crash recovery: a worker crashed --crashes times, time
+     until its replacement answers
 
 It prints the results and writes them to bench/results/latest.md.
 
   --quick          short runs (about 2 minutes in all; less precise)
   --duration SECS  throughput run length (default 5); the latency runs take
                    twice that, the storm SECS + 7 (100 reloads at default)
-  --runs N         alternations of baseline and pounce-host (default 3)
+  --runs N         alternations of the servers (default 3)
   --rate R         fixed rate of the latency runs, requests per second
+  --crashes N      worker crashes to time (default 20; 0 skips them)
   --no-criterion   skip the criterion micro-benchmark
   --out FILE       write the Markdown there instead of bench/results/latest.md
 
@@ -74,6 +88,8 @@ pub struct Settings {
     pub storm_signals: usize,
     pub storm_interval: Duration,
     pub memory_checkpoints: Vec<usize>,
+    /// Worker crashes to time in process mode (0: none).
+    pub crashes: usize,
     /// How often a run that other work on the machine disturbed is run
     /// again; the last attempt counts whatever it shows.
     pub retries: usize,
@@ -100,6 +116,7 @@ impl Settings {
             storm_signals: usize::try_from((storm_secs.saturating_sub(2)) * 10).unwrap_or(100).min(100),
             storm_interval: Duration::from_millis(100),
             memory_checkpoints: vec![100, 1000],
+            crashes: 20,
             retries: 2,
             criterion: criterion::Mode::Measure { warm_up: 1.0, measurement: 3.0 },
             out: Some(pounce_devkit::workspace().join("bench/results/latest.md")),
@@ -151,6 +168,12 @@ impl Settings {
                         bail!("--rate: between 1 and 1000000");
                     }
                     settings.rate = Some(rate);
+                }
+                "--crashes" => {
+                    settings.crashes = value()?.parse().context("--crashes: a number")?;
+                    if settings.crashes > 200 {
+                        bail!("--crashes: at most 200");
+                    }
                 }
                 "--no-criterion" => settings.criterion = criterion::Mode::Off,
                 "--out" => settings.out = Some(PathBuf::from(value()?)),
@@ -231,67 +254,40 @@ pub fn run(settings: &Settings) -> Result<Report> {
     }
 
     let throughput = match &wrk {
-        Some(wrk) => Some(Throughput {
-            seconds: settings.throughput_secs,
-            keep_alive: compare(wrk, &binaries, &pinning, settings, wrk::Mode::KeepAlive)?,
-            close: compare(wrk, &binaries, &pinning, settings, wrk::Mode::Close)?,
-        }),
+        Some(wrk) => {
+            let compare = |mode, kinds: &[Kind]| compare(wrk, &binaries, &pinning, settings, mode, kinds);
+            Some(Throughput {
+                seconds: settings.throughput_secs,
+                keep_alive: compare(wrk::Mode::KeepAlive, &[Kind::Baseline, Kind::Thread, Kind::PROCESS])?,
+                close: compare(wrk::Mode::Close, &[Kind::Baseline, Kind::Thread])?,
+            })
+        }
         None => None,
     };
 
-    let (rate, rate_source) = match (settings.rate, &throughput) {
-        (Some(rate), _) => (rate, "given with --rate".to_owned()),
-        (None, Some(t)) if t.keep_alive.baseline_rps() > 0.0 => (
-            (t.keep_alive.baseline_rps() * settings.rate_fraction).round(),
+    let baseline_rps = throughput.as_ref().map_or(0.0, |t| t.keep_alive.rps(Kind::Baseline));
+    let (rate, rate_source) = match settings.rate {
+        Some(rate) => (rate, "given with --rate".to_owned()),
+        None if baseline_rps > 0.0 => (
+            (baseline_rps * settings.rate_fraction).round(),
             format!(
                 "{:.0}% of the baseline's median keep-alive throughput of {:.0} req/s",
                 settings.rate_fraction * 100.0,
-                t.keep_alive.baseline_rps()
+                baseline_rps
             ),
         ),
         _ => (settings.fallback_rate, "fixed fallback: no throughput was measured".to_owned()),
     };
     let latency = latency(&binaries, &pinning, settings, rate, rate_source)?;
 
-    step(&format!(
-        "reload storm: {} s steady, {} s with {} SIGHUPs every {} ms, {} s steady",
-        settings.storm_secs,
-        settings.storm_secs,
-        settings.storm_signals,
-        settings.storm_interval.as_millis(),
-        settings.storm_secs
-    ));
-    let storm = {
-        let server = Server::start(Kind::Pounce, &binaries, &pinning)?;
-        warm_up(wrk.as_deref(), &pinning, &server, settings)?;
-        let plan = reload::StormPlan {
-            wrk: wrk.as_deref(),
-            pinning: &pinning,
-            seconds: settings.storm_secs,
-            signals: settings.storm_signals,
-            interval: settings.storm_interval,
-            fallback_rate: rate,
-            connections: settings.latency_connections,
-        };
-        let mut discarded = 0;
-        let storm = undisturbed(
-            settings.retries,
-            &mut discarded,
-            || reload::storm(&server, &plan),
-            reload::StormResult::disturbed,
-        )?;
-        if discarded > 0 {
-            notes.push(format!(
-                "The reload storm was run {} time(s) more: other work on the machine disturbed it.",
-                discarded
-            ));
-        }
-        storm
-    };
+    let mut storms = Vec::new();
+    for kind in [Kind::Thread, Kind::PROCESS] {
+        storms.push(storm(kind, wrk.as_deref(), &binaries, &pinning, settings, rate, &mut notes)?);
+    }
 
     step(&format!("memory: reloads one at a time up to {:?}", settings.memory_checkpoints));
     let memory = {
-        let server = Server::start(Kind::Pounce, &binaries, &pinning)?;
+        let server = Server::start(Kind::Thread, &binaries, &pinning)?;
         memory::run(&server, &settings.memory_checkpoints)?
     };
 
@@ -301,6 +297,14 @@ pub fn run(settings: &Settings) -> Result<Report> {
         notes.push("The criterion micro-benchmark was skipped (--no-criterion).".to_owned());
     }
 
+    let crash = match settings.crashes {
+        0 => None,
+        crashes => {
+            step(&format!("crash recovery: {crashes} worker crashes in process mode, one at a time"));
+            Some(crash::measure(&binaries, &pinning, crashes)?)
+        }
+    };
+
     Ok(Report {
         command: settings.command.clone(),
         machine,
@@ -308,22 +312,72 @@ pub fn run(settings: &Settings) -> Result<Report> {
         profile: binaries.profile.to_owned(),
         throughput,
         latency,
-        storm,
+        storms,
         storm_seconds: settings.storm_secs,
         memory,
+        crash,
         criterion,
         notes,
     })
 }
 
-/// The order of the servers in alternation `round`: ABBA, so that a drift
-/// of the machine over the run does not favour either.
-fn order(round: usize) -> [Kind; 2] {
-    if round % 2 == 0 {
-        [Kind::Baseline, Kind::Pounce]
-    } else {
-        [Kind::Pounce, Kind::Baseline]
+/// The order of `kinds` in alternation `round`: forward, then backward
+/// (ABBA for two, ABCCBA for three), so that a steady drift of the machine
+/// over the run favours none of them.
+fn order(round: usize, kinds: &[Kind]) -> Vec<Kind> {
+    let mut order = kinds.to_vec();
+    if round % 2 == 1 {
+        order.reverse();
     }
+    order
+}
+
+/// The reload storm on a fresh server of `kind`, run again (at most
+/// `settings.retries` times) if other work on the machine disturbed it.
+fn storm(
+    kind: Kind,
+    wrk: Option<&Path>,
+    binaries: &Binaries,
+    pinning: &Pinning,
+    settings: &Settings,
+    rate: f64,
+    notes: &mut Vec<String>,
+) -> Result<reload::StormResult> {
+    step(&format!(
+        "reload storm, {}: {} s steady, {} s with {} SIGHUPs every {} ms, {} s steady",
+        kind.label(),
+        settings.storm_secs,
+        settings.storm_secs,
+        settings.storm_signals,
+        settings.storm_interval.as_millis(),
+        settings.storm_secs
+    ));
+    let server = Server::start(kind, binaries, pinning)?;
+    warm_up(wrk, pinning, &server, settings)?;
+    let plan = reload::StormPlan {
+        kind,
+        wrk,
+        pinning,
+        seconds: settings.storm_secs,
+        signals: settings.storm_signals,
+        interval: settings.storm_interval,
+        fallback_rate: rate,
+        connections: settings.latency_connections,
+    };
+    let mut discarded = 0;
+    let storm = undisturbed(
+        settings.retries,
+        &mut discarded,
+        || reload::storm(&server, &plan),
+        reload::StormResult::disturbed,
+    )?;
+    if discarded > 0 {
+        notes.push(format!(
+            "The reload storm ({}) was run {discarded} time(s) more: other work on the machine disturbed it.",
+            kind.label()
+        ));
+    }
+    Ok(storm)
 }
 
 fn warm_up(wrk: Option<&Path>, pinning: &Pinning, server: &Server, settings: &Settings) -> Result<()> {
@@ -333,16 +387,18 @@ fn warm_up(wrk: Option<&Path>, pinning: &Pinning, server: &Server, settings: &Se
     Ok(())
 }
 
+/// wrk against each of `kinds` in turn, `settings.runs` times.
 fn compare(
     wrk: &Path,
     binaries: &Binaries,
     pinning: &Pinning,
     settings: &Settings,
     mode: wrk::Mode,
+    kinds: &[Kind],
 ) -> Result<Comparison> {
-    let mut comparison = Comparison::default();
+    let mut comparison = Comparison::new(kinds);
     for round in 0..settings.runs {
-        for kind in order(round) {
+        for kind in order(round, kinds) {
             step(&format!(
                 "throughput {mode:?}, run {}/{}: {} for {} s",
                 round + 1,
@@ -369,10 +425,7 @@ fn compare(
             let result = undisturbed(settings.retries, &mut comparison.discarded, measure, |r: &wrk::WrkResult| {
                 r.cpu.disturbed().then(|| format!("{:.2} cores of other work ran meanwhile", r.cpu.foreign))
             })?;
-            match kind {
-                Kind::Baseline => comparison.baseline.push(result),
-                Kind::Pounce => comparison.pounce.push(result),
-            }
+            comparison.push(kind, result, Footprint::of(server.pid())?);
         }
     }
     Ok(comparison)
@@ -422,7 +475,7 @@ fn latency(
         ..Latency::default()
     };
     for round in 0..settings.runs {
-        for kind in order(round) {
+        for kind in order(round, &[Kind::Baseline, Kind::Thread]) {
             step(&format!(
                 "latency at {rate:.0} req/s, run {}/{}: {} for {} s",
                 round + 1,
@@ -468,7 +521,7 @@ fn latency(
                 })?;
             match kind {
                 Kind::Baseline => latency.baseline.push(result),
-                Kind::Pounce => latency.pounce.push(result),
+                _ => latency.pounce.push(result),
             }
         }
     }
@@ -492,35 +545,47 @@ mod tests {
         assert_eq!(settings.storm_secs, 12);
         assert_eq!(settings.storm_signals, 100);
         assert_eq!(settings.memory_checkpoints, [100, 1000]);
+        assert_eq!(settings.crashes, 20);
         assert!(settings.release);
     }
 
     #[test]
     fn flags_change_the_settings() {
         let settings =
-            Settings::from_args(&args("--duration 2 --runs 5 --rate 1000 --no-criterion --out x.md")).unwrap().unwrap();
+            Settings::from_args(&args("--duration 2 --runs 5 --rate 1000 --crashes 3 --no-criterion --out x.md"))
+                .unwrap()
+                .unwrap();
         assert_eq!(settings.throughput_secs, 2);
         assert_eq!(settings.latency_secs, 4);
         assert_eq!(settings.storm_secs, 9);
         assert_eq!(settings.storm_signals, 70);
         assert_eq!(settings.runs, 5);
         assert_eq!(settings.rate, Some(1000.0));
+        assert_eq!(settings.crashes, 3);
         assert_eq!(settings.criterion, criterion::Mode::Off);
         assert_eq!(settings.out, Some(PathBuf::from("x.md")));
-        assert_eq!(settings.command, "cargo xtask bench --duration 2 --runs 5 --rate 1000 --no-criterion --out x.md");
+        assert_eq!(
+            settings.command,
+            "cargo xtask bench --duration 2 --runs 5 --rate 1000 --crashes 3 --no-criterion --out x.md"
+        );
 
         let quick = Settings::from_args(&args("--quick")).unwrap().unwrap();
         assert!(quick.throughput_secs < 5 && quick.runs < 3);
         assert!(Settings::from_args(&args("--bogus")).is_err());
         assert!(Settings::from_args(&args("--duration")).is_err());
         assert!(Settings::from_args(&args("--duration 0")).is_err());
+        assert!(Settings::from_args(&args("--crashes 1000")).is_err());
         assert!(Settings::from_args(&args("--help")).unwrap().is_none());
     }
 
     #[test]
-    fn servers_alternate_abba() {
-        let sequence: Vec<Kind> = (0..2).flat_map(order).collect();
-        assert_eq!(sequence, [Kind::Baseline, Kind::Pounce, Kind::Pounce, Kind::Baseline]);
+    fn servers_alternate_forward_then_backward() {
+        let two = [Kind::Baseline, Kind::Thread];
+        let sequence: Vec<Kind> = (0..2).flat_map(|round| order(round, &two)).collect();
+        assert_eq!(sequence, [Kind::Baseline, Kind::Thread, Kind::Thread, Kind::Baseline]);
+        let three = [Kind::Baseline, Kind::Thread, Kind::PROCESS];
+        let sequence: Vec<Kind> = (0..2).flat_map(|round| order(round, &three)).collect();
+        assert_eq!(sequence, [three, [Kind::PROCESS, Kind::Thread, Kind::Baseline]].concat());
     }
 
     /// Runs every code path of `cargo xtask bench` with tiny durations on
@@ -542,6 +607,7 @@ mod tests {
             storm_signals: 3,
             storm_interval: Duration::from_millis(100),
             memory_checkpoints: vec![1, 3],
+            crashes: 2,
             retries: 0,
             criterion: criterion::Mode::Check,
             out: None,
@@ -553,10 +619,21 @@ mod tests {
         let report = run(&settings).expect("the bench runs");
 
         if let Some(throughput) = &report.throughput {
-            for comparison in [&throughput.keep_alive, &throughput.close] {
-                assert_eq!((comparison.baseline.len(), comparison.pounce.len()), (1, 1));
-                assert!(comparison.ratio().is_finite() && comparison.ratio() > 0.0, "{comparison:?}");
+            let [keep_alive, close] = [&throughput.keep_alive, &throughput.close];
+            for (comparison, kinds) in [
+                (keep_alive, &[Kind::Baseline, Kind::Thread, Kind::PROCESS][..]),
+                (close, &[Kind::Baseline, Kind::Thread]),
+            ] {
+                for &kind in kinds {
+                    assert_eq!(comparison.runs(kind).len(), 1, "{kind:?}: {comparison:?}");
+                    assert!(comparison.cpu_us_per_request(kind) > 0.0, "{kind:?}: {comparison:?}");
+                }
+                let ratio = comparison.ratio(Kind::Thread, Kind::Baseline);
+                assert!(ratio.is_finite() && ratio > 0.0, "{comparison:?}");
             }
+            assert!(keep_alive.ratio(Kind::PROCESS, Kind::Thread) > 0.0, "{keep_alive:?}");
+            let process = &keep_alive.servers[2];
+            assert_eq!(process.footprints[0].processes.len(), 2, "a supervisor and one worker: {process:?}");
         }
         let latency = &report.latency;
         assert!(latency.rate > 0.0);
@@ -565,10 +642,20 @@ mod tests {
         }
         assert!(latency.p99_ratio().is_finite());
 
-        let storm = &report.storm;
-        assert_eq!(storm.signals, 3);
-        assert!(storm.published >= 1 && storm.reload_ms.iter().all(|ms| *ms > 0.0), "{storm:?}");
-        assert!(report.storm_ratios().0.is_finite(), "{storm:?}");
+        let modes: Vec<Kind> = report.storms.iter().map(|s| s.kind).collect();
+        assert_eq!(modes, [Kind::Thread, Kind::PROCESS]);
+        for storm in &report.storms {
+            assert_eq!(storm.signals, 3);
+            assert!(storm.published >= 1 && storm.reload_ms.iter().all(|ms| *ms > 0.0), "{storm:?}");
+            assert!(!storm.signal_to_published_ms.is_empty(), "{storm:?}");
+            assert!(storm.signal_to_published_ms.iter().all(|ms| *ms > 0.0), "{storm:?}");
+            assert!(storm.ratios().0.is_finite(), "{storm:?}");
+        }
+
+        let crash = report.crash.as_ref().expect("crashes measured");
+        assert_eq!((crash.crashes, crash.to_ready_ms.len()), (2, 2), "{crash:?}");
+        assert_eq!(crash.to_serving_ms.len() + crash.unanswered, 2, "{crash:?}");
+        assert!(crash.to_ready_ms.iter().chain(&crash.startup_ms).all(|ms| *ms > 0.0), "{crash:?}");
 
         let reloads: Vec<usize> = report.memory.points.iter().map(|p| p.reloads).collect();
         assert_eq!(reloads, [0, 1, 3]);
@@ -581,10 +668,20 @@ mod tests {
         }
 
         let markdown = report.to_markdown();
-        for heading in ["## Machine", "## Summary", "## 3. Latency", "## 4. Reload under load", "## 5. Memory", "## 6."]
-        {
+        // Shown when the test fails (or with --nocapture).
+        eprintln!("{markdown}");
+        for heading in [
+            "## Machine",
+            "## Summary",
+            "## 3. Latency",
+            "## 4. Reload under load",
+            "### pounce-host process mode",
+            "## 5. Memory",
+            "## 6.",
+            "## 7. Crash recovery",
+        ] {
             assert!(markdown.contains(heading), "no {heading:?} in:\n{markdown}");
         }
-        assert_eq!(report.targets().len(), 6);
+        assert_eq!(report.targets().len(), 10);
     }
 }

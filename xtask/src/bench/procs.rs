@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use pounce_devkit::{ready_address, target_dir, workspace};
+use pounce_devkit::{log_field, ready_address, target_dir, workspace};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -156,8 +156,9 @@ pub fn pin_current_thread(cpu: usize) -> Result<()> {
 
 /// CPU time used on the machine during one measurement, to tell a clean run
 /// from one that something else on the machine disturbed (other processes,
-/// or the hypervisor's steal time). "Ours" is the server, xtask itself (the
-/// latency generator runs in it) and the children reaped meanwhile (wrk).
+/// or the hypervisor's steal time). "Ours" is the server with its worker
+/// processes (process mode), xtask itself (the latency generator runs in it)
+/// and the children reaped meanwhile (wrk).
 pub struct CpuWatch {
     started: Instant,
     server_pid: i32,
@@ -169,7 +170,8 @@ pub struct CpuWatch {
 /// What a [`CpuWatch`] saw, in cores (CPU seconds per second).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CpuUse {
-    /// The server's use of its core.
+    /// The server's use of its core: the server process and every process
+    /// it started (process mode's workers), also those that ended meanwhile.
     pub server: f64,
     /// Used by anything else (or stolen): a clean run has about 0.
     pub foreign: f64,
@@ -186,7 +188,7 @@ impl CpuUse {
 
 impl CpuWatch {
     pub fn start(server_pid: i32) -> Result<CpuWatch> {
-        let server = process_cpu_seconds(server_pid)?;
+        let server = tree_cpu_seconds(server_pid)?;
         Ok(CpuWatch {
             started: Instant::now(),
             server_pid,
@@ -198,7 +200,7 @@ impl CpuWatch {
 
     pub fn finish(&self) -> Result<CpuUse> {
         let wall = self.started.elapsed().as_secs_f64().max(1e-3);
-        let server = process_cpu_seconds(self.server_pid)?;
+        let server = tree_cpu_seconds(self.server_pid)?;
         let ours = own_cpu_seconds() + server - self.ours;
         let machine = machine_busy_seconds()? - self.machine;
         // Tick-based accounting: allow for rounding to a tick per CPU.
@@ -254,18 +256,57 @@ fn machine_busy_ticks(cpu_line: &str) -> Option<f64> {
     Some([0, 1, 2, 5, 6, 7].iter().map(|&i| fields.get(i).copied().unwrap_or(0.0)).sum())
 }
 
-/// CPU time (user + system) used so far by `pid`'s threads, in seconds.
-pub fn process_cpu_seconds(pid: i32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("cannot read /proc/PID/stat")?;
-    process_cpu_ticks(&stat).map(|ticks| ticks / clock_ticks()).context("unexpected /proc/PID/stat")
+/// CPU time (user + system) used so far by `root` and its descendants, in
+/// seconds. Process mode's supervisor does little: its workers serve. A
+/// descendant that ended counts too: its time moved to the `cutime` and
+/// `cstime` of the ancestor that reaped it, which are included, so a worker
+/// replaced during a measurement is neither lost nor counted twice.
+pub fn tree_cpu_seconds(root: i32) -> Result<f64> {
+    let stat = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| parse_stat(&s));
+    let own = stat(root).with_context(|| format!("cannot read /proc/{root}/stat"))?;
+    let descendants: f64 = descendants(root).into_iter().filter_map(stat).map(|s| s.ticks).sum();
+    Ok((own.ticks + descendants) / clock_ticks())
 }
 
-fn process_cpu_ticks(stat: &str) -> Option<f64> {
+/// The figures of one /proc/PID/stat line the benchmark uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Stat {
+    ppid: i32,
+    /// utime + stime + cutime + cstime, in clock ticks.
+    ticks: f64,
+}
+
+fn parse_stat(stat: &str) -> Option<Stat> {
     // The command name is in parentheses and may contain spaces.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3; utime and stime are fields 14 and 15.
-    Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+    // After the name, counting from 0: ppid 1; utime, stime, cutime, cstime 11 to 14.
+    let ticks = (11..=14).map(|i| fields.get(i)?.parse::<f64>().ok()).sum::<Option<f64>>()?;
+    Some(Stat { ppid: fields.get(1)?.parse().ok()?, ticks })
+}
+
+/// The processes below `root` (children, their children...), found by
+/// scanning /proc for parent pids: /proc/PID/task/TID/children needs a
+/// kernel option that machines here lack.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let parents: Vec<(i32, i32)> = entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            Some((pid, parse_stat(&stat)?.ppid))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        next += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// CPU time of xtask itself and of its reaped children, in seconds.
@@ -456,33 +497,69 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
-        // A pounce-host killed before it could clean up leaves its (empty)
-        // staging directory behind, if it used one (only where in-memory
-        // copies are not available).
-        let prefix = format!("pounce-host-{}-", self.child.id());
-        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-            for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
+        remove_staging(self.child.id());
+    }
+}
+
+/// A pounce-host process killed before it could clean up (a server stopped
+/// with SIGKILL, a worker that crashed) leaves its staging directory behind,
+/// if it used one (only where in-memory copies are not available).
+fn remove_staging(pid: u32) {
+    let prefix = format!("pounce-host-{pid}-");
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
 }
 
-/// Which server a run measures.
+/// Which server a run measures, and how it is started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// bench/baseline: the handler compiled into a plain hyper server.
     Baseline,
-    Pounce,
+    /// pounce-host in thread mode (the default), `--workers 1`: app code
+    /// runs in the server process.
+    Thread,
+    /// pounce-host in process mode: a supervisor that never loads app code
+    /// and `processes` worker processes of `--workers 1` each.
+    Process { processes: usize },
 }
 
 impl Kind {
+    /// Process mode as it is compared with thread mode: one worker process
+    /// with one thread, the same serving capacity as `Thread`.
+    pub const PROCESS: Kind = Kind::Process { processes: 1 };
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::Baseline => "baseline",
-            Kind::Pounce => "pounce-host",
+            Kind::Thread => "pounce-host thread mode",
+            Kind::Process { .. } => "pounce-host process mode",
         }
+    }
+
+    /// The server's command line after the program, with `extra` before
+    /// the library (pounce-host only; the library goes last). The report
+    /// prints it too.
+    pub fn args(self, extra: &[&str]) -> Vec<String> {
+        let strings = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+        let mode = match self {
+            Kind::Baseline => return strings(&["--port", "0", "--workers", "1"]),
+            Kind::Thread => Vec::new(),
+            Kind::Process { processes } => {
+                let mut mode = strings(&["--mode", "process", "--processes"]);
+                mode.push(processes.to_string());
+                mode
+            }
+        };
+        let mut args = strings(&["serve", "--port", "0", "--log-format", "text"]);
+        args.extend(mode);
+        args.extend(strings(&["--workers", "1"]));
+        args.extend(strings(extra));
+        args
     }
 }
 
@@ -540,21 +617,21 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server on the server CPU and waits for its `server_ready`
-    /// line, which gives the address (both servers log one).
+    /// Starts the server on the server CPU (process mode's workers inherit
+    /// the pinning) and waits for its `server_ready` line, which gives the
+    /// address (both servers log one).
     pub fn start(kind: Kind, binaries: &Binaries, pinning: &Pinning) -> Result<Server> {
-        let mut command = match kind {
-            Kind::Pounce => {
-                let mut command = pinning.command(pinning.server_cpu, &binaries.host);
-                command.args(["serve", "--port", "0", "--log-format", "text", "--workers", "1"]).arg(&binaries.app);
-                command
-            }
-            Kind::Baseline => {
-                let mut command = pinning.command(pinning.server_cpu, &binaries.baseline);
-                command.args(["--port", "0", "--workers", "1"]);
-                command
-            }
-        };
+        Server::start_with(kind, &[], binaries, pinning)
+    }
+
+    /// [`Server::start`] with `extra` pounce-host arguments.
+    pub fn start_with(kind: Kind, extra: &[&str], binaries: &Binaries, pinning: &Pinning) -> Result<Server> {
+        let program = if kind == Kind::Baseline { &binaries.baseline } else { &binaries.host };
+        let mut command = pinning.command(pinning.server_cpu, program);
+        command.args(kind.args(extra));
+        if kind != Kind::Baseline {
+            command.arg(&binaries.app);
+        }
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("POUNCE_") {
                 command.env_remove(key);
@@ -584,6 +661,28 @@ impl Server {
     pub fn url(&self) -> String {
         format!("http://{}/", self.addr)
     }
+
+    /// The worker processes its log names (process mode), ended or not.
+    fn logged_workers(&self) -> Vec<u32> {
+        let lines = self.proc.stderr.since(0);
+        let mut pids: Vec<u32> = lines
+            .iter()
+            .filter(|line| log_field(line, "event").is_some_and(|event| event.starts_with("worker_")))
+            .filter_map(|line| log_field(line, "pid")?.parse().ok())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.proc.stop();
+        for pid in self.logged_workers() {
+            remove_staging(pid);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -593,14 +692,41 @@ mod tests {
     #[test]
     fn reads_cpu_accounting() {
         assert_eq!(machine_busy_ticks("cpu  100 1 50 9000 7 2 3 4 0 0"), Some(160.0));
-        let stat = "4242 (pounce worker) S 1 4242 4242 0 -1 4194560 120 0 0 0 31 17 0 0 20 0 4 0 100 0 0";
-        assert_eq!(process_cpu_ticks(stat), Some(48.0));
+        let stat = "4242 (pounce worker) S 1 4242 4242 0 -1 4194560 120 0 0 0 31 17 2 1 20 0 4 0 100 0 0";
+        assert_eq!(parse_stat(stat), Some(Stat { ppid: 1, ticks: 51.0 }));
         let pid = std::process::id() as i32;
         let watch = CpuWatch::start(pid).unwrap();
         let spin = Instant::now();
         while spin.elapsed() < Duration::from_millis(50) {}
         let used = watch.finish().unwrap();
         assert!(used.server >= 0.0 && used.foreign >= 0.0, "{used:?}");
+    }
+
+    #[test]
+    fn finds_the_processes_a_process_started() {
+        let mut command = Command::new("sh");
+        // The child outlives nothing for long if the test fails.
+        command.args(["-c", "sleep 2 & wait"]);
+        let proc = Proc::spawn("sh", command).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut children = descendants(proc.pid());
+        while children.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            children = descendants(proc.pid());
+        }
+        assert_eq!(children.len(), 1, "sh started one sleep");
+        assert!(tree_cpu_seconds(proc.pid()).unwrap() >= 0.0);
+        assert!(descendants(children[0]).is_empty());
+    }
+
+    #[test]
+    fn pounce_host_and_the_baseline_get_their_command_lines() {
+        assert_eq!(Kind::Baseline.args(&["--ignored"]), ["--port", "0", "--workers", "1"]);
+        assert_eq!(Kind::Thread.args(&[]).join(" "), "serve --port 0 --log-format text --workers 1");
+        assert_eq!(
+            Kind::Process { processes: 2 }.args(&["--app-arg", "faults=on"]).join(" "),
+            "serve --port 0 --log-format text --mode process --processes 2 --workers 1 --app-arg faults=on"
+        );
     }
 
     #[test]

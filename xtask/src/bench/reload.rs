@@ -1,34 +1,30 @@
-//! Reloads: sending SIGHUP, reading pounce-host's `generation N published
-//! ... reload_ms=...` log lines, and the reload storm under load.
+//! Reloads: sending SIGHUP, reading pounce-host's `generation_loaded`
+//! events (thread mode's server and process mode's supervisor log the same
+//! one), and the reload storm under load, for either mode.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use super::events::{self, LogEvent};
 use super::loadgen::{self, LatencyResult, Plan};
-use super::procs::{self, CpuWatch, Pinning, Server};
+use super::procs::{self, CpuWatch, Kind, Pinning, Server};
+use super::report::{mean, ratio};
 use super::wrk::{self, Mode, WrkResult};
 
 /// How long one reload may take before the benchmark gives up on it.
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A `generation N published` line: N and its `reload_ms` field (text log
-/// `reload_ms=12.3`, or JSON `"reload_ms":12.3`).
+/// A `generation_loaded` event: the generation and its `reload_ms` (the
+/// host's own measure, from the start of the reload to its publication).
 pub fn parse_published(line: &str) -> Option<(u64, f64)> {
-    let at = line.find(" published")?;
-    let generation = line[..at].rsplit(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
-    if !line[..at].trim_end_matches(|c: char| c.is_ascii_digit()).ends_with("generation ") {
-        return None;
-    }
-    let field = &line[line.find("reload_ms")? + "reload_ms".len()..];
-    let value = field.trim_start_matches(['"', '=', ':', ' ']);
-    let end = value.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-')).unwrap_or(value.len());
-    Some((generation, value[..end].parse().ok()?))
+    let event = LogEvent::named(line, "generation_loaded")?;
+    Some((event.get("generation")?, event.get("reload_ms")?))
 }
 
-/// Sends SIGHUP and waits (bounded) for `generation {expected} published`;
-/// returns its `reload_ms`.
+/// Sends SIGHUP and waits (bounded) for generation `expected` to be
+/// published; returns its `reload_ms`.
 pub fn reload_and_wait(server: &Server, expected: u64, timeout: Duration) -> Result<f64> {
     let from = server.proc.stderr.len();
     server.proc.signal(libc::SIGHUP)?;
@@ -48,11 +44,18 @@ pub fn reload_and_wait(server: &Server, expected: u64, timeout: Duration) -> Res
 /// What the storm measured.
 #[derive(Clone, Debug)]
 pub struct StormResult {
+    pub kind: Kind,
     pub signals: usize,
     pub interval: Duration,
     pub published: usize,
     /// `reload_ms` of every published generation.
     pub reload_ms: Vec<f64>,
+    /// For each signal, from its sending to the publication of the first
+    /// generation whose reload started after it (the first that serves the
+    /// library as it was at the signal): what a deploy waits for. Signals
+    /// that arrive during a reload wait for it too, so this is `reload_ms`
+    /// plus queueing. Signals no published generation answered are missing.
+    pub signal_to_published_ms: Vec<f64>,
     pub load: StormLoad,
 }
 
@@ -72,6 +75,8 @@ pub enum StormLoad {
 }
 
 pub struct StormPlan<'a> {
+    /// The server's kind, for the report.
+    pub kind: Kind,
     pub wrk: Option<&'a Path>,
     pub pinning: &'a Pinning,
     pub seconds: u64,
@@ -132,8 +137,10 @@ pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
     let lead = Duration::from_secs(plan.seconds).saturating_sub(total) / 2;
     procs::sleep(lead.min(Duration::from_secs(1)))?;
     let first = Instant::now();
+    let mut sent = Vec::with_capacity(plan.signals);
     for i in 0..plan.signals {
         procs::sleep_until(first + plan.interval * i as u32)?;
+        sent.push(events::now());
         server.proc.signal(libc::SIGHUP)?;
     }
     let storm = match load {
@@ -153,8 +160,9 @@ pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
     while let Some((_, after)) = server.proc.stderr.wait_for(next, Duration::from_secs(2), parse_published) {
         next = after;
     }
-    let reload_ms: Vec<f64> =
-        server.proc.stderr.since(from).iter().filter_map(|line| parse_published(line)).map(|(_, ms)| ms).collect();
+    let log = server.proc.stderr.since(from);
+    let reload_ms: Vec<f64> = log.iter().filter_map(|line| parse_published(line)).map(|(_, ms)| ms).collect();
+    let signal_to_published_ms = signal_to_published_ms(&sent, &log);
     let after = steady_run()?;
     let load = match (before, storm, after) {
         (Steady::Wrk(before), Steady::Wrk(storm), Steady::Wrk(after)) => {
@@ -165,10 +173,60 @@ pub fn storm(server: &Server, plan: &StormPlan<'_>) -> Result<StormResult> {
         }
         _ => unreachable!("steady state and storm use the same load"),
     };
-    Ok(StormResult { signals: plan.signals, interval: plan.interval, published: reload_ms.len(), reload_ms, load })
+    Ok(StormResult {
+        kind: plan.kind,
+        signals: plan.signals,
+        interval: plan.interval,
+        published: reload_ms.len(),
+        reload_ms,
+        signal_to_published_ms,
+        load,
+    })
+}
+
+/// For each signal sent at `sent` (log clock), the milliseconds until the
+/// `generation_loaded` of the first generation whose `reload_started` came
+/// after it, from the host's timestamps in `log`.
+fn signal_to_published_ms(sent: &[f64], log: &[String]) -> Vec<f64> {
+    let events: Vec<LogEvent<'_>> = log.iter().filter_map(|line| LogEvent::parse(line)).collect();
+    let published = |generation: u64| {
+        events.iter().find(|e| e.name == "generation_loaded" && e.get("generation") == Some(generation))
+    };
+    // Reloads that were published, in the order they started.
+    let reloads: Vec<(f64, f64)> = events
+        .iter()
+        .filter(|e| e.name == "reload_started")
+        .filter_map(|started| Some((started.at, published(started.get("generation")?)?.at)))
+        .collect();
+    sent.iter()
+        .filter_map(|&at| reloads.iter().find(|(started, _)| *started >= at).map(|(_, done)| (done - at) * 1000.0))
+        .collect()
 }
 
 impl StormResult {
+    /// Storm p99 / steady p99 and storm / steady throughput (wrk's p99 under
+    /// wrk; the fixed-rate p99 without wrk). Steady is the mean of the runs
+    /// before and after.
+    pub fn ratios(&self) -> (f64, f64) {
+        match &self.load {
+            StormLoad::Wrk { steady, storm } => (
+                ratio(storm.p99_us, mean(steady.iter().map(|r| r.p99_us))),
+                ratio(storm.requests_per_sec, mean(steady.iter().map(|r| r.requests_per_sec))),
+            ),
+            StormLoad::FixedRate { steady, storm } => {
+                (ratio(storm.p99_us, mean(steady.iter().map(|r| r.p99_us))), f64::NAN)
+            }
+        }
+    }
+
+    /// Failed requests and socket errors over the three runs.
+    pub fn failures(&self) -> u64 {
+        match &self.load {
+            StormLoad::Wrk { steady, storm } => steady.iter().chain([storm]).map(WrkResult::failures).sum(),
+            StormLoad::FixedRate { steady, storm } => steady.iter().chain([storm]).map(LatencyResult::failures).sum(),
+        }
+    }
+
     /// Why this storm measured the machine rather than the server, if it
     /// did: other work ran during one of its three runs.
     pub fn disturbed(&self) -> Option<String> {
@@ -188,17 +246,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_published_lines_in_text_and_json() {
-        let text = "2026-11-24T23:39:23.925937Z  INFO pounce_host::reload: generation 2 published; generation 1 drains generation=2 previous=1 load_ms=19.45 init_ms=7.01 publish_us=1.312 reload_ms=36.908364";
+    fn reads_generation_loaded_events_in_text_and_json() {
+        let text = "2026-11-24T23:39:23.925937Z  INFO pounce_host::operations::events: generation 2 published; generation 1 drains event=\"generation_loaded\" generation=2 previous=1 load_ms=19.45 init_ms=7.01 publish_us=1.312 reload_ms=36.908364";
         assert_eq!(parse_published(text), Some((2, 36.908364)));
-        let json = r#"{"timestamp":"2026-11-24T23:39:23.925937Z","level":"INFO","message":"generation 17 published; generation 16 drains","generation":17,"previous":16,"load_ms":1.5,"reload_ms":2.25,"target":"pounce_host::reload"}"#;
+        let json = r#"{"timestamp":"2026-11-24T23:39:23.925937Z","level":"INFO","message":"generation 17 published; generation 16 drains","event":"generation_loaded","generation":17,"previous":16,"load_ms":1.5,"reload_ms":2.25,"target":"pounce_host::operations::events"}"#;
         assert_eq!(parse_published(json), Some((17, 2.25)));
     }
 
     #[test]
     fn ignores_other_lines() {
-        assert_eq!(parse_published("INFO pounce_host::reload: reload started: loading x generation=3"), None);
-        assert_eq!(parse_published("INFO pounce_host::drain: generation 1 retired"), None);
-        assert_eq!(parse_published("generation 3 published without a duration"), None);
+        let started = "2026-11-24T23:39:23Z INFO x: reload started event=\"reload_started\" generation=3 serving=2";
+        assert_eq!(parse_published(started), None);
+        assert_eq!(parse_published("2026-11-24T23:39:23Z INFO x: generation 3 published reload_ms=1"), None);
+        let no_duration = "2026-11-24T23:39:23Z INFO x: published event=\"generation_loaded\" generation=3";
+        assert_eq!(parse_published(no_duration), None);
+    }
+
+    /// A line of event `name` for `generation` at `at` seconds past midnight.
+    fn line(at: f64, name: &str, generation: u64) -> String {
+        format!("1970-01-01T00:00:{at:09.6}Z  INFO x: y event=\"{name}\" generation={generation} reload_ms=1")
+    }
+
+    #[test]
+    fn each_signal_waits_for_the_first_reload_that_started_after_it() {
+        let log = [
+            line(10.0, "reload_started", 2),
+            line(10.05, "generation_loaded", 2),
+            line(10.1, "reload_started", 3),
+            line(10.3, "generation_loaded", 3),
+            line(10.3, "reload_started", 4),
+            line(10.35, "reload_failed", 4),
+            line(10.4, "reload_started", 5),
+            line(10.45, "generation_loaded", 5),
+        ];
+        // The signals at 10.15 and 10.2 arrive during reload 3 and wait for
+        // it; reload 4, which they caused, fails, so generation 5 answers
+        // them. The last signal is never answered.
+        let sent = [9.99, 10.09, 10.15, 10.2, 10.32, 10.5];
+        let waited: Vec<f64> = signal_to_published_ms(&sent, &log).iter().map(|ms| ms.round()).collect();
+        assert_eq!(waited, [60.0, 210.0, 300.0, 250.0, 130.0]);
     }
 }

@@ -5,15 +5,20 @@ use std::fmt::Write as _;
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::crash::CrashResult;
 use super::criterion::Estimate;
 use super::loadgen::LatencyResult;
-use super::memory::MemoryResult;
+use super::memory::{Footprint, MemoryResult, ProcessMemory};
+use super::procs::Kind;
 use super::reload::{StormLoad, StormResult};
 use super::wrk::WrkResult;
 
 /// RSS growth per reload below which memory counts as flat (allocator
 /// noise).
 pub const RSS_NOISE_KIB: f64 = 4.0;
+
+/// The target for a crashed worker's replacement to serve (issue 9).
+pub const CRASH_P99_MS: f64 = 100.0;
 
 /// Where the numbers were taken.
 #[derive(Clone, Debug)]
@@ -111,7 +116,8 @@ pub fn quantile(values: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
+/// The mean; NaN when empty.
+pub fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, count) = values.fold((0.0, 0usize), |(sum, count), v| (sum + v, count + 1));
     if count == 0 {
         f64::NAN
@@ -120,7 +126,8 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-fn ratio(numerator: f64, denominator: f64) -> f64 {
+/// `numerator / denominator`; NaN when the denominator is not positive.
+pub fn ratio(numerator: f64, denominator: f64) -> f64 {
     if denominator > 0.0 {
         numerator / denominator
     } else {
@@ -128,35 +135,64 @@ fn ratio(numerator: f64, denominator: f64) -> f64 {
     }
 }
 
-/// wrk runs of both servers, in the order they ran (alternating).
+/// wrk runs of several servers, alternating.
 #[derive(Clone, Debug, Default)]
 pub struct Comparison {
-    pub baseline: Vec<WrkResult>,
-    pub pounce: Vec<WrkResult>,
+    /// Each server's runs, servers in the order they were given.
+    pub servers: Vec<ServerRuns>,
     /// Runs thrown away because other work on the machine disturbed them.
     pub discarded: usize,
 }
 
+/// One server's runs of a [`Comparison`], in run order.
+#[derive(Clone, Debug)]
+pub struct ServerRuns {
+    pub kind: Kind,
+    pub runs: Vec<WrkResult>,
+    /// The server's memory right after each run, before it stopped.
+    pub footprints: Vec<Footprint>,
+}
+
 impl Comparison {
-    pub fn baseline_rps(&self) -> f64 {
-        median(&self.baseline.iter().map(|r| r.requests_per_sec).collect::<Vec<_>>())
+    pub fn new(kinds: &[Kind]) -> Comparison {
+        let servers = kinds.iter().map(|&kind| ServerRuns { kind, runs: Vec::new(), footprints: Vec::new() }).collect();
+        Comparison { servers, discarded: 0 }
     }
 
-    pub fn pounce_rps(&self) -> f64 {
-        median(&self.pounce.iter().map(|r| r.requests_per_sec).collect::<Vec<_>>())
+    pub fn push(&mut self, kind: Kind, result: WrkResult, footprint: Footprint) {
+        if let Some(server) = self.servers.iter_mut().find(|s| s.kind == kind) {
+            server.runs.push(result);
+            server.footprints.push(footprint);
+        }
     }
 
-    /// The median of the ratios of each alternation's pair of runs. The
-    /// two runs of a pair are adjacent in time, so they share the shared
-    /// machine's state (which here can swing throughput by 25% for minutes);
-    /// a ratio of medians would compare runs from different states.
-    pub fn ratio(&self) -> f64 {
-        median(&self.pair_ratios())
+    /// `kind`'s runs; none if it was not compared.
+    pub fn runs(&self, kind: Kind) -> &[WrkResult] {
+        self.servers.iter().find(|s| s.kind == kind).map_or(&[], |s| &s.runs)
     }
 
-    /// Each alternation's pounce/baseline ratio, in run order.
-    pub fn pair_ratios(&self) -> Vec<f64> {
-        self.pounce.iter().zip(&self.baseline).map(|(p, b)| ratio(p.requests_per_sec, b.requests_per_sec)).collect()
+    /// The median throughput of `kind`, requests per second.
+    pub fn rps(&self, kind: Kind) -> f64 {
+        median(&self.runs(kind).iter().map(|r| r.requests_per_sec).collect::<Vec<_>>())
+    }
+
+    /// The median server CPU time per request of `kind`, in microseconds.
+    pub fn cpu_us_per_request(&self, kind: Kind) -> f64 {
+        median(&self.runs(kind).iter().map(|r| r.cpu.server / r.requests_per_sec * 1e6).collect::<Vec<_>>())
+    }
+
+    /// `of`'s throughput relative to `to`'s: the median of the ratios of
+    /// each alternation's pair of runs. The runs of one alternation are
+    /// close in time, so they share the shared machine's state (which here
+    /// can swing throughput by 25% for minutes); a ratio of medians would
+    /// compare runs from different states.
+    pub fn ratio(&self, of: Kind, to: Kind) -> f64 {
+        median(&self.pair_ratios(of, to))
+    }
+
+    /// Each alternation's `of`/`to` throughput ratio, in run order.
+    pub fn pair_ratios(&self, of: Kind, to: Kind) -> Vec<f64> {
+        self.runs(of).iter().zip(self.runs(to)).map(|(a, b)| ratio(a.requests_per_sec, b.requests_per_sec)).collect()
     }
 }
 
@@ -209,9 +245,12 @@ pub struct Report {
     /// `None` when wrk is not installed.
     pub throughput: Option<Throughput>,
     pub latency: Latency,
-    pub storm: StormResult,
+    /// The reload storm in each mode, thread mode first.
+    pub storms: Vec<StormResult>,
     pub storm_seconds: u64,
     pub memory: MemoryResult,
+    /// Process mode's crash recovery; `None` when it was not measured.
+    pub crash: Option<CrashResult>,
     pub criterion: Vec<Estimate>,
     pub notes: Vec<String>,
 }
@@ -227,27 +266,6 @@ pub struct Target {
 }
 
 impl Report {
-    /// Storm p99 / steady p99 and storm / steady throughput (wrk's p99 under
-    /// wrk; the fixed-rate p99 without wrk).
-    pub fn storm_ratios(&self) -> (f64, f64) {
-        match &self.storm.load {
-            StormLoad::Wrk { steady, storm } => (
-                ratio(storm.p99_us, mean(steady.iter().map(|r| r.p99_us))),
-                ratio(storm.requests_per_sec, mean(steady.iter().map(|r| r.requests_per_sec))),
-            ),
-            StormLoad::FixedRate { steady, storm } => {
-                (ratio(storm.p99_us, mean(steady.iter().map(|r| r.p99_us))), f64::NAN)
-            }
-        }
-    }
-
-    pub fn storm_failures(&self) -> u64 {
-        match &self.storm.load {
-            StormLoad::Wrk { steady, storm } => steady.iter().chain([storm]).map(WrkResult::failures).sum(),
-            StormLoad::FixedRate { steady, storm } => steady.iter().chain([storm]).map(LatencyResult::failures).sum(),
-        }
-    }
-
     /// Copies mapped beyond the one live generation, at the last checkpoint.
     pub fn extra_copies(&self) -> usize {
         self.memory.points.last().map_or(0, |p| p.mapped_copies.saturating_sub(1))
@@ -287,62 +305,33 @@ impl Report {
     }
 
     pub fn targets(&self) -> Vec<Target> {
-        let mut targets = Vec::new();
-        match &self.throughput {
-            Some(throughput) => {
-                for (figure, comparison, minimum) in [
-                    ("1. keep-alive throughput, pounce/baseline", &throughput.keep_alive, 0.97),
-                    ("2. new connection per request, pounce/baseline", &throughput.close, 0.95),
-                ] {
-                    let value = comparison.ratio();
-                    targets.push(Target {
-                        figure: figure.to_owned(),
-                        measured: format!(
-                            "{value:.3} (medians {:.0} / {:.0} req/s)",
-                            comparison.pounce_rps(),
-                            comparison.baseline_rps()
-                        ),
-                        target: format!(">= {minimum}"),
-                        met: Some(value >= minimum),
-                    });
-                }
-            }
-            None => {
-                for figure in
-                    ["1. keep-alive throughput, pounce/baseline", "2. new connection per request, pounce/baseline"]
-                {
-                    targets.push(Target {
-                        figure: figure.to_owned(),
-                        measured: "not measured (wrk missing)".to_owned(),
-                        target: String::new(),
-                        met: None,
-                    });
-                }
-            }
-        }
+        let mut targets = self.throughput_targets();
         let [_, base_p99, ..] = self.latency.baseline_medians();
         let [_, pounce_p99, ..] = self.latency.pounce_medians();
         let p99 = self.latency.p99_ratio();
         targets.push(Target {
-            figure: format!("3. p99 latency at {:.0} req/s, pounce/baseline", self.latency.rate),
+            figure: format!("3. p99 latency at {:.0} req/s, thread mode / baseline", self.latency.rate),
             measured: format!("{p99:.2} ({pounce_p99:.0} / {base_p99:.0} µs)"),
             target: "<= 1.1".to_owned(),
             met: Some(p99 <= 1.1),
         });
-        let failures = self.storm_failures();
-        targets.push(Target {
-            figure: "4a. failed requests + socket errors, reload storm".to_owned(),
-            measured: failures.to_string(),
-            target: "0".to_owned(),
-            met: Some(failures == 0),
-        });
-        let (p99_storm, _) = self.storm_ratios();
-        targets.push(Target {
-            figure: "4b. p99 during the storm / steady state".to_owned(),
-            measured: format!("{p99_storm:.2}"),
-            target: "<= 1.5".to_owned(),
-            met: Some(p99_storm <= 1.5),
-        });
+        for (storm, [first, second]) in self.storms.iter().zip([["4a", "4b"], ["4c", "4d"]]) {
+            let mode = storm.kind.label().trim_start_matches("pounce-host ");
+            let failures = storm.failures();
+            targets.push(Target {
+                figure: format!("{first}. reload storm, {mode}: failed requests + socket errors"),
+                measured: failures.to_string(),
+                target: "0".to_owned(),
+                met: Some(failures == 0),
+            });
+            let (p99_storm, _) = storm.ratios();
+            targets.push(Target {
+                figure: format!("{second}. reload storm, {mode}: p99 during the storm / steady state"),
+                measured: format!("{p99_storm:.2}"),
+                target: "<= 1.5".to_owned(),
+                met: Some(p99_storm <= 1.5),
+            });
+        }
         let last = self.memory.points.last();
         targets.push(Target {
             figure: format!("5. memory after {} reloads", last.map_or(0, |p| p.reloads)),
@@ -355,7 +344,74 @@ impl Report {
             target: format!("1 copy, no fd growth, RSS < {RSS_NOISE_KIB} KiB per reload"),
             met: Some(self.memory_flat()),
         });
+        targets.push(self.crash_target());
         targets
+    }
+
+    /// 1a, 1b and 2: throughput ratios, with server CPU per request.
+    fn throughput_targets(&self) -> Vec<Target> {
+        type Select = fn(&Throughput) -> &Comparison;
+        let (keep_alive, close): (Select, Select) = (|t| &t.keep_alive, |t| &t.close);
+        let rows = [
+            ("1a. keep-alive throughput, thread mode / baseline", keep_alive, Kind::Thread, Kind::Baseline, 0.97),
+            (
+                "1b. keep-alive throughput, process mode (1 worker process) / thread mode",
+                keep_alive,
+                Kind::PROCESS,
+                Kind::Thread,
+                0.95,
+            ),
+            ("2. new connection per request, thread mode / baseline", close, Kind::Thread, Kind::Baseline, 0.95),
+        ];
+        rows.iter()
+            .map(|&(figure, select, of, to, minimum)| {
+                let Some(comparison) = self.throughput.as_ref().map(select) else {
+                    return Target {
+                        figure: figure.to_owned(),
+                        measured: "not measured (wrk missing)".to_owned(),
+                        target: String::new(),
+                        met: None,
+                    };
+                };
+                let value = comparison.ratio(of, to);
+                Target {
+                    figure: figure.to_owned(),
+                    measured: format!(
+                        "{value:.3} (medians {:.0} / {:.0} req/s; server CPU {:.2} / {:.2} µs per request)",
+                        comparison.rps(of),
+                        comparison.rps(to),
+                        comparison.cpu_us_per_request(of),
+                        comparison.cpu_us_per_request(to)
+                    ),
+                    target: format!(">= {minimum}"),
+                    met: Some(value >= minimum),
+                }
+            })
+            .collect()
+    }
+
+    /// 7: crash to replacement serving.
+    fn crash_target(&self) -> Target {
+        let figure = "7. process mode: crash to replacement serving, p99".to_owned();
+        let Some(crash) = &self.crash else {
+            return Target { figure, measured: "not measured".to_owned(), target: String::new(), met: None };
+        };
+        let p99 = quantile(&crash.to_serving_ms, 0.99);
+        let unanswered = match crash.unanswered {
+            0 => String::new(),
+            n => format!("; {n} replacement(s) not seen serving"),
+        };
+        Target {
+            figure,
+            measured: format!(
+                "{p99:.1} ms over {} crashes (p50 {:.1}, max {:.1}){unanswered}",
+                crash.crashes,
+                median(&crash.to_serving_ms),
+                quantile(&crash.to_serving_ms, 1.0)
+            ),
+            target: format!("<= {CRASH_P99_MS} ms"),
+            met: Some(crash.unanswered == 0 && !crash.to_serving_ms.is_empty() && p99 <= CRASH_P99_MS),
+        }
     }
 
     pub fn missed(&self) -> Vec<Target> {
@@ -377,9 +433,17 @@ impl Report {
         let _ = writeln!(md, "| commit | {} |", m.commit);
         let _ = writeln!(md, "| build | {} (pounce-host, libsample_app.so, pounce-baseline) |", self.profile);
         let _ = writeln!(md, "| placement | {} |", self.pinning);
+        let command = |program: &str, kind: Kind, extra: &[&str]| {
+            let library = if kind == Kind::Baseline { "" } else { " libsample_app.so" };
+            format!("`{program} {}{library}`", kind.args(extra).join(" "))
+        };
         let _ = writeln!(
             md,
-            "| servers | `pounce-host serve --port 0 --log-format text --workers 1 libsample_app.so`; `pounce-baseline --port 0 --workers 1` (hyper-util auto, handler compiled in) |\n"
+            "| servers | thread mode {}; process mode {} (crash recovery: {}); baseline {} (hyper-util auto, handler compiled in) |\n",
+            command("pounce-host", Kind::Thread, &[]),
+            command("pounce-host", Kind::PROCESS, &[]),
+            command("pounce-host", super::crash::KIND, super::crash::SERVER_ARGS),
+            command("pounce-baseline", Kind::Baseline, &[]),
         );
 
         let _ = writeln!(md, "## Summary\n");
@@ -399,6 +463,7 @@ impl Report {
         self.storm_section(&mut md);
         self.memory_section(&mut md);
         self.criterion_section(&mut md);
+        self.crash_section(&mut md);
         if !self.notes.is_empty() {
             let _ = writeln!(md, "## Notes\n");
             for note in &self.notes {
@@ -417,7 +482,7 @@ impl Report {
         };
         let _ = writeln!(
             md,
-            "`wrk -t1 -c{} -d{}s --latency` on `GET /`, baseline and pounce-host alternating (ABBA), each run on a fresh server after a 1 s warm-up. Figures are medians over the runs; the ratio is the median of each pair's ratio (a pair's two runs are adjacent in time, so they see the same state of this shared machine).\n",
+            "`wrk -t1 -c{} -d{}s --latency` on `GET /`, the servers alternating (A B C, then C B A), each run on a fresh server after a 1 s warm-up. Figures are medians over the runs; a ratio is the median of each alternation's ratio (the runs of one alternation are close in time, so they see the same state of this shared machine). Server CPU counts the server process and, in process mode, its worker processes (the supervisor's and the workers' utime + stime). Memory is taken right after each run, with the server idle; in process mode it is the supervisor's plus the worker's (RSS counts the pages they share twice, PSS divides them).\n",
             super::wrk::CONNECTIONS,
             throughput.seconds
         );
@@ -426,27 +491,7 @@ impl Report {
             ("New connection per request (`-H 'Connection: close'`)", &throughput.close),
         ] {
             let _ = writeln!(md, "### {title}\n");
-            let _ = writeln!(
-                md,
-                "| server | req/s (median) | runs (req/s) | p50 µs | p99 µs | errors | server CPU (cores) | server CPU µs per request |\n|---|---|---|---|---|---|---|---|"
-            );
-            for (label, runs, rps) in [
-                ("baseline", &comparison.baseline, comparison.baseline_rps()),
-                ("pounce-host", &comparison.pounce, comparison.pounce_rps()),
-            ] {
-                let list: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.requests_per_sec)).collect();
-                let p50 = median(&runs.iter().map(|r| r.p50_us).collect::<Vec<_>>());
-                let p99 = median(&runs.iter().map(|r| r.p99_us).collect::<Vec<_>>());
-                let errors: u64 = runs.iter().map(WrkResult::failures).sum();
-                let cpu = median(&runs.iter().map(|r| r.cpu.server).collect::<Vec<_>>());
-                let per_request =
-                    median(&runs.iter().map(|r| r.cpu.server / r.requests_per_sec * 1e6).collect::<Vec<_>>());
-                let _ = writeln!(
-                    md,
-                    "| {label} | {rps:.0} | {} | {p50:.0} | {p99:.0} | {errors} | {cpu:.2} | {per_request:.2} |",
-                    list.join(", ")
-                );
-            }
+            comparison_table(md, comparison);
             if comparison.discarded > 0 {
                 let _ = writeln!(
                     md,
@@ -455,13 +500,25 @@ impl Report {
                     super::procs::MAX_FOREIGN_CPU
                 );
             }
-            let pairs: Vec<String> = comparison.pair_ratios().iter().map(|r| format!("{r:.3}")).collect();
-            let _ = writeln!(
-                md,
-                "\npounce/baseline: **{:.3}** (median of the pairs' ratios: {})\n",
-                comparison.ratio(),
-                pairs.join(", ")
-            );
+            md.push('\n');
+            for (of, to) in
+                [(Kind::Thread, Kind::Baseline), (Kind::PROCESS, Kind::Thread), (Kind::PROCESS, Kind::Baseline)]
+            {
+                if comparison.runs(of).is_empty() || comparison.runs(to).is_empty() {
+                    continue;
+                }
+                let pairs: Vec<String> = comparison.pair_ratios(of, to).iter().map(|r| format!("{r:.3}")).collect();
+                let _ = writeln!(
+                    md,
+                    "- {} / {}: **{:.3}** (the alternations' ratios: {})",
+                    of.label(),
+                    to.label(),
+                    comparison.ratio(of, to),
+                    pairs.join(", ")
+                );
+            }
+            md.push('\n');
+            process_memory_line(md, comparison);
         }
     }
 
@@ -477,7 +534,7 @@ impl Report {
             md,
             "| server | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | answered 2xx / scheduled | failed | uncorrected p99 µs | send lag p99 / max µs |\n|---|---|---|---|---|---|---|---|---|---|"
         );
-        for (label, runs) in [("baseline", &l.baseline), ("pounce-host", &l.pounce)] {
+        for (label, runs) in [(Kind::Baseline.label(), &l.baseline), (Kind::Thread.label(), &l.pounce)] {
             let [p50, p99, p999, max] = medians(runs);
             let p90 = median(&runs.iter().map(|r| r.p90_us).collect::<Vec<_>>());
             let ok: u64 = runs.iter().map(|r| r.ok).sum();
@@ -504,58 +561,48 @@ impl Report {
                 super::loadgen::MAX_SEND_LAG_P99_US
             );
         }
-        let _ = writeln!(md, "\npounce/baseline p99: **{:.2}**\n", l.p99_ratio());
+        let _ = writeln!(md, "\nthread mode / baseline p99: **{:.2}**\n", l.p99_ratio());
     }
 
     fn storm_section(&self, md: &mut String) {
-        let s = &self.storm;
         let _ = writeln!(md, "## 4. Reload under load\n");
+        let Some(first) = self.storms.first() else { return };
         let _ = writeln!(
             md,
-            "One pounce-host (after a warm-up): {} s of steady load, the same load again while {} SIGHUPs arrive, one every {} ms (signals that arrive during a reload collapse into one more reload), and {} s of steady load after.\n",
+            "For each mode, one server (after a warm-up): {} s of steady load, the same load again while {} SIGHUPs arrive, one every {} ms (signals that arrive during a reload collapse into one more reload), and {} s of steady load after. In process mode each reload starts a new worker process and retires the old one once the new one is ready.\n",
             self.storm_seconds,
-            s.signals,
-            s.interval.as_millis(),
+            first.signals,
+            first.interval.as_millis(),
             self.storm_seconds
         );
-        let _ = writeln!(md, "| | steady before | storm | steady after |\n|---|---|---|---|");
-        match &s.load {
-            StormLoad::Wrk { steady: [before, after], storm } => {
-                let _ = writeln!(md, "| load | `wrk -t1 -c{}` keep-alive | same | same |", super::wrk::CONNECTIONS);
-                let row = |md: &mut String, label: &str, f: &dyn Fn(&WrkResult) -> String| {
-                    let _ = writeln!(md, "| {label} | {} | {} | {} |", f(before), f(storm), f(after));
-                };
-                row(md, "req/s", &|r| format!("{:.0}", r.requests_per_sec));
-                row(md, "p50 µs", &|r| format!("{:.0}", r.p50_us));
-                row(md, "p99 µs", &|r| format!("{:.0}", r.p99_us));
-                row(md, "socket errors", &|r| r.socket_errors.total().to_string());
-                row(md, "non-2xx", &|r| r.non_2xx.to_string());
-                row(md, "server CPU (cores)", &|r| format!("{:.2}", r.cpu.server));
-            }
-            StormLoad::FixedRate { steady: [before, after], storm } => {
-                let _ = writeln!(md, "| load | fixed rate {:.0} req/s (wrk missing) | same | same |", storm.rate);
-                let row = |md: &mut String, label: &str, f: &dyn Fn(&LatencyResult) -> String| {
-                    let _ = writeln!(md, "| {label} | {} | {} | {} |", f(before), f(storm), f(after));
-                };
-                row(md, "p50 µs", &|r| format!("{:.1}", r.p50_us));
-                row(md, "p99 µs", &|r| format!("{:.1}", r.p99_us));
-                row(md, "failed", &|r| r.failures().to_string());
-                row(md, "server CPU (cores)", &|r| format!("{:.2}", r.cpu.server));
-            }
+        for storm in &self.storms {
+            let _ = writeln!(md, "### {}\n", storm.kind.label());
+            storm_table(md, storm);
+            let (p99, rps) = storm.ratios();
+            let _ = writeln!(
+                md,
+                "\nstorm / steady (the mean of before and after): p99 **{p99:.2}**, throughput **{rps:.3}**\n"
+            );
         }
-        let (p99, rps) = self.storm_ratios();
+        let _ = writeln!(md, "### Reload times\n");
+        let header: Vec<&str> = self.storms.iter().map(|s| s.kind.label()).collect();
+        let _ = writeln!(md, "| | {} |\n|---|{}", header.join(" | "), "---|".repeat(header.len()));
+        let row = |md: &mut String, label: &str, cell: &dyn Fn(&StormResult) -> String| {
+            let cells: Vec<String> = self.storms.iter().map(cell).collect();
+            let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
+        };
+        let spread = |values: &[f64]| {
+            format!("{:.1} / {:.1} / {:.1}", median(values), quantile(values, 0.99), quantile(values, 1.0))
+        };
+        row(md, "generations published / signals", &|s| format!("{} / {}", s.published, s.signals));
+        row(md, "signal → new generation published, ms: p50 / p99 / max", &|s| spread(&s.signal_to_published_ms));
+        row(md, "signals answered by a published generation", &|s| {
+            format!("{} / {}", s.signal_to_published_ms.len(), s.signals)
+        });
+        row(md, "reload duration (`reload_ms`), ms: p50 / p99 / max", &|s| spread(&s.reload_ms));
         let _ = writeln!(
             md,
-            "\nstorm / steady (the mean of before and after): p99 **{p99:.2}**, throughput **{rps:.3}**\n"
-        );
-        let _ = writeln!(
-            md,
-            "Generations published during the storm: {} of {} signals. Reload duration, signal to new generation published (`reload_ms`): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (under load); without load (the memory phase, {} reloads): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n",
-            s.published,
-            s.signals,
-            median(&s.reload_ms),
-            quantile(&s.reload_ms, 0.99),
-            quantile(&s.reload_ms, 1.0),
+            "\n*Signal → new generation published*: from xtask sending each SIGHUP to the `generation_loaded` event of the first reload that started after it (host timestamps), so a signal that arrived during a reload includes the wait for it. *`reload_ms`*: the host's own measure of each published reload, from its start to its publication. Without load (thread mode, the memory phase, {} reloads one at a time): `reload_ms` p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n",
             self.memory.reload_ms.len(),
             median(&self.memory.reload_ms),
             quantile(&self.memory.reload_ms, 0.99),
@@ -567,7 +614,7 @@ impl Report {
         let _ = writeln!(md, "## 5. Memory across reloads\n");
         let _ = writeln!(
             md,
-            "A fresh pounce-host, no load; one SIGHUP at a time, each waiting for its `generation N published` line. Each figure is taken once the retired generations' unloads are logged (at most 10 s).\n"
+            "A fresh pounce-host in thread mode, no load; one SIGHUP at a time, each waiting for its `generation_loaded` event. Each figure is taken once the retired generations' unloads are logged (at most 10 s).\n"
         );
         let _ = writeln!(
             md,
@@ -622,6 +669,135 @@ impl Report {
         }
         md.push('\n');
     }
+
+    fn crash_section(&self, md: &mut String) {
+        let _ = writeln!(md, "## 7. Crash recovery (process mode)\n");
+        let Some(crash) = &self.crash else {
+            let _ = writeln!(md, "Not measured.\n");
+            return;
+        };
+        let _ = writeln!(
+            md,
+            "A process-mode server with {} worker processes and the sample app's fault routes on. {} times, one at a time: `GET /fault/segfault` crashes the worker that takes it; a client (xtask, on the load CPU) then asks `GET /` on new connections every millisecond until the replacement worker answers one (the worker is told by the connection's server-side socket among its descriptors), and the supervisor's log gives when it saw the crash and when the replacement was ready. After each replacement is ready, {} ms pass before the next crash.\n",
+            crash.processes,
+            crash.crashes,
+            super::crash::SETTLE.as_millis()
+        );
+        let _ = writeln!(md, "| | p50 ms | p99 ms | max ms | samples |\n|---|---|---|---|---|");
+        for (label, values) in [
+            (
+                "crash (the fault request's connection ends) → first `GET /` answered by the replacement (client)",
+                &crash.to_serving_ms,
+            ),
+            ("`worker_crashed` → the replacement's `worker_ready` (supervisor log)", &crash.to_ready_ms),
+            ("of it: `worker_crashed` → replacement started", &crash.to_spawn_ms),
+            ("of it: replacement started → ready (`startup_ms`: exec, load, init)", &crash.startup_ms),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {label} | {:.1} | {:.1} | {:.1} | {} |",
+                median(values),
+                quantile(values, 0.99),
+                quantile(values, 1.0),
+                values.len()
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nMeanwhile the other worker answered {} `GET /` (the service stayed up); {} replacement(s) were not seen serving within the bound. Percentiles are nearest-rank: with {} samples, p99 is the largest.\n",
+            crash.answered_meanwhile,
+            crash.unanswered,
+            crash.to_serving_ms.len()
+        );
+    }
+}
+
+/// One row per server: throughput, latency, errors, CPU, memory.
+fn comparison_table(md: &mut String, comparison: &Comparison) {
+    let _ = writeln!(
+        md,
+        "| server | req/s (median) | runs (req/s) | p50 µs | p99 µs | errors | server CPU (cores) | server CPU µs per request | RSS MiB | PSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for server in &comparison.servers {
+        let runs = &server.runs;
+        let of = |f: fn(&WrkResult) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        let list: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.requests_per_sec)).collect();
+        let errors: u64 = runs.iter().map(WrkResult::failures).sum();
+        let memory =
+            |f: fn(&Footprint) -> u64| mib(median(&server.footprints.iter().map(|m| f(m) as f64).collect::<Vec<_>>()));
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {} | {:.0} | {:.0} | {errors} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            server.kind.label(),
+            comparison.rps(server.kind),
+            list.join(", "),
+            of(|r| r.p50_us),
+            of(|r| r.p99_us),
+            of(|r| r.cpu.server),
+            comparison.cpu_us_per_request(server.kind),
+            memory(Footprint::rss_kib),
+            memory(Footprint::pss_kib),
+        );
+    }
+}
+
+/// Process mode's memory split into the supervisor and its worker(s):
+/// medians over the runs.
+fn process_memory_line(md: &mut String, comparison: &Comparison) {
+    let Some(server) = comparison.servers.iter().find(|s| matches!(s.kind, Kind::Process { .. })) else { return };
+    // Per run: supervisor RSS, PSS; workers RSS, PSS.
+    let split: Vec<[u64; 4]> = server
+        .footprints
+        .iter()
+        .filter_map(|footprint| {
+            let (supervisor, workers) = footprint.processes.split_first()?;
+            let sum = |f: fn(&ProcessMemory) -> u64| workers.iter().map(f).sum();
+            Some([supervisor.rss_kib, supervisor.pss_kib, sum(|w| w.rss_kib), sum(|w| w.pss_kib)])
+        })
+        .collect();
+    let column = |i: usize| mib(median(&split.iter().map(|s| s[i] as f64).collect::<Vec<_>>()));
+    let _ = writeln!(
+        md,
+        "{}: supervisor {:.1} MiB RSS ({:.1} PSS) + worker {:.1} MiB RSS ({:.1} PSS).\n",
+        server.kind.label(),
+        column(0),
+        column(1),
+        column(2),
+        column(3),
+    );
+}
+
+/// Steady before, storm, steady after: one column each.
+fn storm_table(md: &mut String, storm: &StormResult) {
+    let _ = writeln!(md, "| | steady before | storm | steady after |\n|---|---|---|---|");
+    match &storm.load {
+        StormLoad::Wrk { steady: [before, after], storm } => {
+            let _ = writeln!(md, "| load | `wrk -t1 -c{}` keep-alive | same | same |", super::wrk::CONNECTIONS);
+            let row = |md: &mut String, label: &str, f: &dyn Fn(&WrkResult) -> String| {
+                let _ = writeln!(md, "| {label} | {} | {} | {} |", f(before), f(storm), f(after));
+            };
+            row(md, "req/s", &|r| format!("{:.0}", r.requests_per_sec));
+            row(md, "p50 µs", &|r| format!("{:.0}", r.p50_us));
+            row(md, "p99 µs", &|r| format!("{:.0}", r.p99_us));
+            row(md, "socket errors", &|r| r.socket_errors.total().to_string());
+            row(md, "non-2xx", &|r| r.non_2xx.to_string());
+            row(md, "server CPU (cores)", &|r| format!("{:.2}", r.cpu.server));
+        }
+        StormLoad::FixedRate { steady: [before, after], storm } => {
+            let _ = writeln!(md, "| load | fixed rate {:.0} req/s (wrk missing) | same | same |", storm.rate);
+            let row = |md: &mut String, label: &str, f: &dyn Fn(&LatencyResult) -> String| {
+                let _ = writeln!(md, "| {label} | {} | {} | {} |", f(before), f(storm), f(after));
+            };
+            row(md, "p50 µs", &|r| format!("{:.1}", r.p50_us));
+            row(md, "p99 µs", &|r| format!("{:.1}", r.p99_us));
+            row(md, "failed", &|r| r.failures().to_string());
+            row(md, "server CPU (cores)", &|r| format!("{:.2}", r.cpu.server));
+        }
+    }
+}
+
+fn mib(kib: f64) -> f64 {
+    kib / 1024.0
 }
 
 fn format_ns(ns: f64) -> String {
