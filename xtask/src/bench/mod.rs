@@ -88,6 +88,9 @@ pub struct Settings {
     pub storm_signals: usize,
     pub storm_interval: Duration,
     pub memory_checkpoints: Vec<usize>,
+    /// Reloads one at a time with `--preflight off`, to set against the
+    /// memory phase's (with the preflight, the default) for its cost.
+    pub preflight_reloads: usize,
     /// Worker crashes to time in process mode (0: none).
     pub crashes: usize,
     /// How often a run that other work on the machine disturbed is run
@@ -116,6 +119,7 @@ impl Settings {
             storm_signals: usize::try_from((storm_secs.saturating_sub(2)) * 10).unwrap_or(100).min(100),
             storm_interval: Duration::from_millis(100),
             memory_checkpoints: vec![100, 1000],
+            preflight_reloads: 100,
             crashes: 20,
             retries: 2,
             criterion: criterion::Mode::Measure { warm_up: 1.0, measurement: 3.0 },
@@ -291,6 +295,14 @@ pub fn run(settings: &Settings) -> Result<Report> {
         memory::run(&server, &settings.memory_checkpoints)?
     };
 
+    step(&format!("preflight: {} reloads one at a time with --preflight off", settings.preflight_reloads));
+    let reload_ms_without_preflight = {
+        let server = Server::start_with(Kind::Thread, &["--preflight", "off"], &binaries, &pinning)?;
+        (0..settings.preflight_reloads)
+            .map(|done| reload::reload_and_wait(&server, done as u64 + 2, reload::RELOAD_TIMEOUT))
+            .collect::<Result<Vec<f64>>>()?
+    };
+
     step("criterion: host/benches/request_path.rs");
     let criterion = criterion::run(settings.criterion, &binaries.app)?;
     if settings.criterion == criterion::Mode::Off {
@@ -315,6 +327,7 @@ pub fn run(settings: &Settings) -> Result<Report> {
         storms,
         storm_seconds: settings.storm_secs,
         memory,
+        reload_ms_without_preflight,
         crash,
         criterion,
         notes,
@@ -607,6 +620,7 @@ mod tests {
             storm_signals: 3,
             storm_interval: Duration::from_millis(100),
             memory_checkpoints: vec![1, 3],
+            preflight_reloads: 2,
             crashes: 2,
             retries: 0,
             criterion: criterion::Mode::Check,

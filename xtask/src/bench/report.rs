@@ -249,6 +249,9 @@ pub struct Report {
     pub storms: Vec<StormResult>,
     pub storm_seconds: u64,
     pub memory: MemoryResult,
+    /// Idle reloads in thread mode with `--preflight off` (the memory
+    /// phase's have it on, the default).
+    pub reload_ms_without_preflight: Vec<f64>,
     /// Process mode's crash recovery; `None` when it was not measured.
     pub crash: Option<CrashResult>,
     pub criterion: Vec<Estimate>,
@@ -602,11 +605,15 @@ impl Report {
         row(md, "reload duration (`reload_ms`), ms: p50 / p99 / max", &|s| spread(&s.reload_ms));
         let _ = writeln!(
             md,
-            "\n*Signal → new generation published*: from xtask sending each SIGHUP to the `generation_loaded` event of the first reload that started after it (host timestamps), so a signal that arrived during a reload includes the wait for it. *`reload_ms`*: the host's own measure of each published reload, from its start to its publication. Without load (thread mode, the memory phase, {} reloads one at a time): `reload_ms` p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n",
+            "\n*Signal → new generation published*: from xtask sending each SIGHUP to the `generation_loaded` event of the first reload that started after it (host timestamps), so a signal that arrived during a reload includes the wait for it. *`reload_ms`*: the host's own measure of each published reload, from its start to its publication. Without load (thread mode, the memory phase, {} reloads one at a time, with the preflight in a child process, the default): `reload_ms` p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; with `--preflight off` ({} reloads): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms. The difference is what the preflight adds to a reload.\n",
             self.memory.reload_ms.len(),
             median(&self.memory.reload_ms),
             quantile(&self.memory.reload_ms, 0.99),
             quantile(&self.memory.reload_ms, 1.0),
+            self.reload_ms_without_preflight.len(),
+            median(&self.reload_ms_without_preflight),
+            quantile(&self.reload_ms_without_preflight, 0.99),
+            quantile(&self.reload_ms_without_preflight, 1.0),
         );
     }
 
