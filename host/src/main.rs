@@ -66,7 +66,8 @@ fn worker(args: WorkerArgs) -> ExitCode {
     };
     let tag = Tag { pid: std::process::id(), generation: args.generation };
     let max_log_level = logging::init(config.log_format, &config.log_level, Some(tag));
-    let assignment = worker::Assignment { generation: args.generation, supervisor: args.supervisor };
+    let assignment =
+        worker::Assignment { generation: args.generation, supervisor: args.supervisor, listeners: args.listeners };
     let (workers, unload_timeout) = (config.workers, config.shutdown_timeout);
     run(workers, unload_timeout, worker::run(config, max_log_level, assignment))
 }

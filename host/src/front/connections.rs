@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::connection::{self, Connection, Rules};
+use super::connection::{self, Connection, Peer, Rules};
 use crate::config::format_duration;
 
 pub struct Connections {
@@ -52,9 +52,9 @@ impl Connections {
     /// Registers a connection from `peer`, just accepted into the room
     /// `admission` holds; it counts as open (and keeps that room) until the
     /// returned [`Open`] guard is dropped.
-    pub fn accepted(self: &Arc<Self>, peer: std::net::SocketAddr, admission: Admission) -> (Arc<Connection>, Open) {
+    pub fn accepted(self: &Arc<Self>, peer: Peer, admin: bool, admission: Admission) -> (Arc<Connection>, Open) {
         self.count.fetch_add(1, Ordering::AcqRel);
-        let connection = Arc::new(Connection::new(peer, self.rules.clone()));
+        let connection = Arc::new(Connection::new(peer, admin, self.rules.clone()));
         let mut open = lock(&self.open);
         open.retain(|c| c.strong_count() > 0);
         open.push(Arc::downgrade(&connection));

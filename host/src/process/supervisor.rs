@@ -24,7 +24,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
@@ -34,12 +33,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::{mpsc, Notify};
 
-use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENER_FD};
+use super::control::{self, FromWorker, ToWorker, CONTROL_FD, FIRST_LISTENER_FD, LIBRARY_FD};
 use crate::config::Config;
 use crate::ffi::process::{kill, spawn_with_fds};
-use crate::front::listener;
+use crate::front::inherit;
+use crate::front::listener::Listener;
+use crate::front::tls;
 use crate::generations::snapshot::Snapshot;
-use crate::lifecycle::serve::{watch_spec, StartError};
+use crate::lifecycle::serve::{describe_listeners, watch_spec, StartError};
 use crate::lifecycle::shutdown::hard_deadline;
 use crate::lifecycle::signals::{Request, Signals};
 use crate::lifecycle::watch;
@@ -109,8 +110,11 @@ pub struct Supervisor {
     config: Config,
     /// The `serve` arguments, passed on to every worker.
     serve_args: Vec<OsString>,
-    listener: std::net::TcpListener,
-    address: SocketAddr,
+    /// Every listening socket, passed to every worker.
+    listeners: Vec<Listener>,
+    /// The address tools read, and every listener, for `server_ready`.
+    address: String,
+    described: String,
     reporter: Reporter,
     inputs: mpsc::UnboundedSender<Input>,
     workers: HashMap<u32, Worker>,
@@ -137,15 +141,19 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
         true => Some(watch::start(watch_spec(&config), reloads.clone())?),
         false => None,
     };
-    let listener = listener::bind(&config)?.into_std()?;
-    let address = listener.local_addr()?;
+    if let Some(files) = &config.tls {
+        tls::check(files)?;
+    }
+    let (listeners, _) = inherit::listeners(&config, inherit::take()?)?;
+    let (address, described) = describe_listeners(&listeners, config.tls.is_some());
     let (inputs, mut received) = mpsc::unbounded_channel();
     let mut supervisor = Supervisor {
         reporter: Reporter::new(false),
         config,
         serve_args,
-        listener,
+        listeners,
         address,
+        described,
         inputs,
         workers: HashMap::new(),
         current: None,
@@ -169,6 +177,10 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
                     tracing::info!("{name} received: reload requested");
                     supervisor.request_reload();
                 }
+                Request::Upgrade(name) => tracing::warn!(
+                    "{name} ignored: binary upgrade is not supported in process mode yet; \
+                     restart the service (with systemd socket activation no connection is refused)"
+                ),
                 Request::Shutdown { name, number } => break (name, number),
             },
             () = reloads.notified() => supervisor.request_reload(),
@@ -235,8 +247,12 @@ impl Supervisor {
         let serving = self.current_number();
         self.reporter.emit(Event::ReloadStarted { generation, serving, source: &self.config.library });
         let started = Instant::now();
-        let begun = Snapshot::take(&self.config.library, generation, self.config.allow_insecure_library)
-            .map_err(|e| e.to_string())
+        let tls = self.config.tls.as_ref().map(tls::check).transpose().map_err(|e| e.to_string());
+        let begun = tls
+            .and_then(|_| {
+                Snapshot::take(&self.config.library, generation, self.config.allow_insecure_library)
+                    .map_err(|e| e.to_string())
+            })
             .and_then(|snapshot| self.begin_reload(generation, Arc::new(snapshot), false).map_err(|e| e.to_string()));
         if let Err(reason) = begun {
             self.fail_reload_with(generation, &reason, started);
@@ -266,6 +282,7 @@ impl Supervisor {
     /// Starts one worker of `generation`.
     fn spawn(&mut self, generation: u64, snapshot: &Snapshot) -> std::io::Result<u32> {
         let (mine, theirs) = control::pair()?;
+        let roles: Vec<&str> = self.listeners.iter().map(|l| l.role.name()).collect();
         // The very binary the supervisor runs, whatever a deploy did to the
         // file since; named as the operator started it, for `ps`.
         let mut command = Command::new("/proc/self/exe");
@@ -275,18 +292,18 @@ impl Supervisor {
         command
             .arg("worker")
             .args(["--generation", &generation.to_string(), "--supervisor", &std::process::id().to_string()])
+            .arg(format!("--listeners={}", roles.join(",")))
             .args(&self.serve_args)
             .stdin(Stdio::null());
         // systemd talks to the supervisor only; inherited sockets are its.
         for name in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
             command.env_remove(name);
         }
-        let fds = [
-            (self.listener.as_raw_fd(), LISTENER_FD),
-            (theirs.as_raw_fd(), CONTROL_FD),
-            (snapshot.raw_fd(), LIBRARY_FD),
-        ];
-        let mut child = spawn_with_fds(&mut command, &fds)?;
+        let mut fds = vec![(theirs.as_raw_fd(), CONTROL_FD), (snapshot.raw_fd(), LIBRARY_FD)];
+        for (at, listener) in self.listeners.iter().enumerate() {
+            fds.push((listener.fd().as_raw_fd(), FIRST_LISTENER_FD + at as i32));
+        }
+        let mut child = spawn_with_fds(&mut command, &fds, true)?;
         drop(theirs);
         let pid = child.id();
         let exits = self.inputs.clone();
@@ -416,7 +433,10 @@ impl Supervisor {
         let Some(old) = previous else {
             let (load, init) = (reload.started.elapsed(), init);
             self.reporter.emit(Event::Ready {
-                address: self.address,
+                address: &self.address,
+                listeners: &self.described,
+                generation: reload.generation,
+                upgraded_from: None,
                 app: &app,
                 app_version: &app_version,
                 load,
