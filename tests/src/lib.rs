@@ -29,6 +29,7 @@ use pounce_devkit::{ready_address, target_dir, workspace};
 use tokio::net::TcpStream;
 
 mod log;
+pub mod tls;
 
 pub use log::Log;
 
@@ -45,6 +46,9 @@ fn cargo_build(packages: &[&str], target: &Path, setting: Option<(&str, &str)>) 
     for name in SAMPLE_SETTINGS {
         command.env_remove(name);
     }
+    // `cargo test` sets it for this process; a build script that tracks it
+    // (ring's) would rebuild for every nested build, and again after it.
+    command.env_remove("CARGO_MANIFEST_DIR");
     if let Some((name, value)) = setting {
         command.env(name, value);
     }
@@ -273,23 +277,35 @@ impl Server {
             .arg("serve")
             .args(defaults_not_in(args, &[("--port", "0"), ("--log-format", "text")]))
             .args(args)
-            .arg(library)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("POUNCE_") || key == "NOTIFY_SOCKET" || key.starts_with("WATCHDOG_") {
-                command.env_remove(key);
-            }
-        }
+            .arg(library);
+        clean_env(&mut command);
         command.envs(env.iter().copied());
         prepare(&mut command);
+        let health_path = flag_value(args, "--health-path").unwrap_or("/health").to_owned();
+        Self::launch(command, &health_path, true)
+    }
+
+    /// Starts `command` (a `pounce-host serve`, perhaps behind a wrapper
+    /// such as `systemd-socket-activate`) with its stderr collected, and
+    /// waits for its `server_ready` event. With `tcp` the event must give a
+    /// TCP address (else [`Server::addr`] is `0.0.0.0:0`).
+    pub fn launch(mut command: Command, health_path: &str, tcp: bool) -> Result<Server, (Option<ExitStatus>, String)> {
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("start pounce-host");
         let log = Log::default();
         log.collect(child.stderr.take().expect("stderr piped"));
-        if let Some(addr) = wait_for_ready(&log, START_TIMEOUT) {
-            let health_path = flag_value(args, "--health-path").unwrap_or("/health").to_owned();
-            return Ok(Server { child, addr, log, health_path });
+        let ready = if tcp {
+            wait_for_ready(&log, START_TIMEOUT)
+        } else {
+            log.wait_for(START_TIMEOUT, |lines| {
+                lines
+                    .iter()
+                    .find(|line| line.contains("server_ready"))
+                    .map(|line| ready_address(line).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))))
+            })
+        };
+        if let Some(addr) = ready {
+            return Ok(Server { child, addr, log, health_path: health_path.to_owned() });
         }
         // No address: it is exiting (its stderr closed), or it never got ready.
         let exiting = log.wait_for_end(Duration::ZERO);
@@ -343,6 +359,13 @@ impl Server {
         let status = wait_for_exit(&mut self.child, timeout)?;
         assert!(self.log.wait_for_end(PIPE_CLOSE_WAIT), "stderr still open after the exit:\n{}", self.logs());
         Some(status)
+    }
+
+    /// Waits for the process to exit, at most `timeout`, without waiting
+    /// for its log to end (after a binary upgrade the new process writes
+    /// to the same pipe).
+    pub fn wait_exit_status(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_for_exit(&mut self.child, timeout)
     }
 
     /// The health endpoint's JSON.
@@ -463,6 +486,20 @@ pub fn deny_memfd(command: &mut Command) {
     }
 }
 
+/// Removes the settings a test must not inherit from its own environment:
+/// `POUNCE_*`, systemd's notify, watchdog and socket-activation variables.
+pub fn clean_env(command: &mut Command) {
+    for (key, _) in std::env::vars() {
+        if key.starts_with("POUNCE_")
+            || key == "NOTIFY_SOCKET"
+            || key.starts_with("WATCHDOG_")
+            || key.starts_with("LISTEN_")
+        {
+            command.env_remove(key);
+        }
+    }
+}
+
 /// Sets the child's `RLIMIT_NOFILE` (soft and hard) to `max_fds`.
 fn limit_fds(command: &mut Command, max_fds: u64) {
     let limit = libc::rlimit { rlim_cur: max_fds as libc::rlim_t, rlim_max: max_fds as libc::rlim_t };
@@ -511,7 +548,7 @@ pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
 }
 
 /// What a test sees of a response.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
     pub headers: http::HeaderMap,

@@ -221,6 +221,11 @@ impl Connection {
         self.in_flight.load(Ordering::Acquire) > 0 && self.generation.load(Ordering::Relaxed) <= generation
     }
 
+    /// Whether the connection is known to speak HTTP/2.
+    pub fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+
     /// Whether a request is being served on this connection.
     pub fn is_busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0
@@ -415,7 +420,12 @@ impl Drop for Activity {
         // During a shutdown, a connection that was accepted late (or raced
         // the shutdown's sweep over connections) closes after its answer;
         // for HTTP/2 that is a GOAWAY, which `Connection: close` is not.
-        if connection.rules.is_shutting_down() || connection.rules.is_retiring() {
+        // A retiring process (a process-mode worker, or the old process of
+        // a binary upgrade) closes HTTP/1 connections only through the
+        // `Connection: close` of an answer: closing one after a response
+        // that promised keep-alive would fail the client's next request.
+        let http2 = connection.http2.load(Ordering::Relaxed);
+        if connection.rules.is_shutting_down() || (connection.rules.is_retiring() && http2) {
             connection.control.set(FINISH);
         }
     }

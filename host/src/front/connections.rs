@@ -78,14 +78,18 @@ impl Connections {
         self.rules.is_retiring()
     }
 
-    /// A process-mode worker hands over to newer ones: stop accepting (the
-    /// listening socket stays open in the other processes), close idle
-    /// connections after their next response (`Connection: close`), busy
-    /// ones after their current response. Nothing is refused.
+    /// A process-mode worker hands over to newer ones, or the old process
+    /// of a binary upgrade to the new one: stop accepting (the listening
+    /// socket stays open in the other processes), close HTTP/1 connections
+    /// after their next response (it carries `Connection: close`; one left
+    /// idle is closed by its keep-alive timeout), send HTTP/2 connections
+    /// GOAWAY (they finish their streams). Nothing is refused, and no
+    /// HTTP/1 client sees a connection close that its last response said
+    /// would stay open.
     pub fn retire(&self) {
         self.rules.begin_retiring();
         self.stop_accepting.send_replace(true);
-        for connection in self.open_connections().iter().filter(|c| c.is_busy()) {
+        for connection in self.open_connections().iter().filter(|c| c.is_http2()) {
             connection.finish();
         }
     }

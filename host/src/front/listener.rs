@@ -85,6 +85,8 @@ impl Listener {
         if socket.r#type()? != Type::STREAM || !socket.is_listener()? {
             return Err(io::Error::other("not a listening stream socket"));
         }
+        // systemd passes blocking sockets; the runtime needs them not to be.
+        socket.set_nonblocking(true)?;
         let domain = socket.domain()?;
         let socket = if domain == Domain::UNIX {
             Socket::Unix(StdUnixListener::from(fd))

@@ -38,7 +38,7 @@ pub async fn handle(
     if request.version() == http::Version::HTTP_2 {
         connection.speaks_http2();
     }
-    let mut record = RequestRecord::start(&server, request.method(), request.uri().path());
+    let mut record = RequestRecord::start(&server, &connection.peer, request.method(), request.uri().path());
     let (mut response, generation) = answer(request, &server, &connection).await;
     if let Some(record) = &mut record {
         record.answered(response.status().as_u16(), generation);
