@@ -368,9 +368,24 @@ impl Server {
         wait_for_exit(&mut self.child, timeout)
     }
 
+    /// The admin listener's address (`--admin-listen`), from the
+    /// `server_ready` line: the listener marked `(admin)`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let logs = self.logs();
+        let line = logs.lines().find(|l| l.contains("server_ready"))?;
+        let before = &line[..line.find(" (admin)")?];
+        before.rsplit([' ', '"', '=']).next()?.trim_start_matches("http://").parse().ok()
+    }
+
+    /// Where the full health answer is: the admin listener if there is
+    /// one, else the app's port.
+    fn health_addr(&self) -> SocketAddr {
+        self.admin_addr().unwrap_or(self.addr)
+    }
+
     /// The health endpoint's JSON.
     pub async fn health(&self) -> serde_json::Value {
-        get(self.addr, &self.health_path).await.expect("GET the health endpoint").json()
+        get(self.health_addr(), &self.health_path).await.expect("GET the health endpoint").json()
     }
 
     /// Asks the health endpoint until its JSON satisfies `ready` and returns
@@ -378,7 +393,7 @@ impl Server {
     pub async fn wait_for_health(&self, what: &str, ready: impl Fn(&serde_json::Value) -> bool) -> Reply {
         let deadline = Instant::now() + HEALTH_WAIT;
         loop {
-            match get(self.addr, &self.health_path).await {
+            match get(self.health_addr(), &self.health_path).await {
                 Ok(reply) if serde_json::from_slice(&reply.body).is_ok_and(|json| ready(&json)) => return reply,
                 last => assert!(
                     Instant::now() < deadline,
@@ -638,6 +653,36 @@ pub async fn get_h2(addr: SocketAddr, path: &str) -> Result<(http::Version, Repl
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
     Ok((version, Reply { status: parts.status.as_u16(), headers: parts.headers, body }))
+}
+
+/// `GET path` on a fresh connection, retrying while the connection itself
+/// fails (a listener that is not there yet), for at most `within`.
+pub async fn get_when_listening(addr: SocketAddr, path: &str, within: Duration) -> Result<Reply, ClientError> {
+    let deadline = Instant::now() + within;
+    loop {
+        match get(addr, path).await {
+            Err(e) if e.starts_with("connect") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            done => return done,
+        }
+    }
+}
+
+/// systemd's `systemd-socket-activate` (Debian package systemd, which
+/// `.ci/run` installs): tests of socket activation fail, not skip, without it.
+pub fn systemd_socket_activate() -> PathBuf {
+    ["/usr/bin/systemd-socket-activate", "/bin/systemd-socket-activate"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.exists())
+        .expect("systemd-socket-activate is installed (Debian package systemd; .ci/run installs it)")
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; tests that need one
+/// bound by another program use it at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// Runs `pounce-host` with `args` to completion (bounded), returning its

@@ -18,7 +18,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use pounce_tests::tls::{write_replacing, TestCert, TlsClient, TLS12, TLS13};
 use pounce_tests::{
-    clean_env, get, host_binary, replace_file, run_host, sample_app, sample_variant, Client, Reply, Server, TempDir,
+    clean_env, free_port, get, get_when_listening, host_binary, replace_file, run_host, sample_app, sample_variant,
+    systemd_socket_activate, Client, Reply, Server, TempDir,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UnixStream};
@@ -70,12 +71,7 @@ fn strs(args: &[String]) -> Vec<&str> {
 
 /// The listener marked `(admin)` in the `server_ready` line.
 fn admin_address(server: &Server) -> SocketAddr {
-    let logs = server.logs();
-    let line = logs.lines().find(|l| l.contains("server_ready")).expect("server_ready logged");
-    let at = line.find(" (admin)").unwrap_or_else(|| panic!("no admin listener in {line}"));
-    let before = &line[..at];
-    let url = before.rsplit([' ', '"', '=']).next().expect("a url");
-    url.trim_start_matches("http://").parse().unwrap_or_else(|e| panic!("{url}: {e}"))
+    server.admin_addr().unwrap_or_else(|| panic!("no admin listener:\n{}", server.logs()))
 }
 
 // ---------------------------------------------------------------------------
@@ -374,16 +370,9 @@ async fn the_admin_listener_has_health_and_metrics_and_the_app_port_only_status(
 // ---------------------------------------------------------------------------
 // systemd socket activation
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_socket_activation_serves_the_inherited_sockets() {
-    let activate = ["/usr/bin/systemd-socket-activate", "/bin/systemd-socket-activate"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("systemd-socket-activate is installed (Debian package systemd; .ci/run installs it)");
+    let activate = systemd_socket_activate();
     let dir = TempDir::new("activate");
     let socket = dir.join("pounce.sock");
     let (app_port, admin_port) = (free_port(), free_port());
@@ -402,18 +391,7 @@ async fn systemd_socket_activation_serves_the_inherited_sockets() {
     // below is what starts it, and it is answered.
     let launch = std::thread::spawn(move || Server::launch(started, "/health", true));
     let app = SocketAddr::from(([127, 0, 0, 1], app_port));
-    let first = {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match get(app, "/version").await {
-                Ok(reply) => break reply,
-                Err(e) if Instant::now() < deadline && e.contains("connect") => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
+    let first = get_when_listening(app, "/version", WAIT).await.unwrap();
     assert_eq!(first.text(), "Hello from sample-app (generation 1)\n");
     let mut server = launch.join().unwrap().unwrap_or_else(|(status, logs)| panic!("({status:?}):\n{logs}"));
     assert_eq!(server.addr, app);
