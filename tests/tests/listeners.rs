@@ -152,7 +152,8 @@ async fn a_reload_serves_a_renewed_certificate_and_a_broken_one_keeps_the_old() 
     // Broken: a certificate that is not PEM, a key that does not match,
     // a missing key. Each fails the reload; the second pair keeps serving.
     let third = TestCert::new();
-    let cases: [(&str, Box<dyn Fn()>); 3] = [
+    type Breakage<'a> = Box<dyn Fn() + 'a>;
+    let cases: [(&str, Breakage); 3] = [
         ("not valid PEM", Box::new(|| write_replacing(&files.cert, b"-----BEGIN CERTIFICATE-----\nnope\n", 0o644))),
         (
             "does not belong",
@@ -493,12 +494,24 @@ async fn keep_requesting(addr: SocketAddr, load: Arc<Load>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_upgrades_the_binary_under_load_without_a_failed_request() {
+    upgrade_under_load(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_upgrades_the_process_mode_supervisor_under_load() {
+    upgrade_under_load(&["--mode", "process", "--processes", "2"]).await;
+}
+
+async fn upgrade_under_load(mode: &[&str]) {
+    let process_mode = !mode.is_empty();
     let dir = TempDir::new("upgrade");
     let binary = binary_copy(&dir);
     let library = dir.join("libapp.so");
     replace_file(&sample_variant("Greeting A"), &library);
     let socket = dir.join("pounce.sock");
-    let mut server = start_from(&binary, &library, &["--uds", socket.to_str().unwrap()], &[]);
+    let mut args = vec!["--uds", socket.to_str().unwrap()];
+    args.extend_from_slice(mode);
+    let mut server = start_from(&binary, &library, &args, &[]);
     let old_pid = server.pid();
 
     let load = Arc::new(Load {
@@ -538,12 +551,13 @@ async fn sigusr2_upgrades_the_binary_under_load_without_a_failed_request() {
     let errors = load.errors.lock().unwrap().clone();
     assert_eq!(load.failed.load(Ordering::Relaxed), 0, "failed requests: {errors:?}\n{logs}");
     assert_eq!(load.refused.load(Ordering::Relaxed), 0, "refused connections: {errors:?}\n{logs}");
-    assert_eq!(health["pid"], pid, "the new process serves: {health}");
+    let serving = if process_mode { &health["service"]["supervisor_pid"] } else { &health["pid"] };
+    assert_eq!(*serving, pid, "the new process serves: {health}");
     assert_eq!(health["generation"], 2, "it loaded the current library as the next generation: {health}");
     assert_eq!(version, "Greeting B (generation 2)\n");
     assert_eq!(unix_version, version, "the unix socket was handed over too");
     assert!(logs.contains(&format!("took over from pid {old_pid}")), "{logs}");
-    eprintln!("upgrade under load: {} requests, 0 failed, 0 refused", load.ok.load(Ordering::Relaxed));
+    eprintln!("upgrade under load {mode:?}: {} requests, 0 failed, 0 refused", load.ok.load(Ordering::Relaxed));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | SIGHUP, SIGUSR1 | rolling reload of the app library |
 //! | SIGTERM, SIGINT | graceful shutdown; a second one exits at once |
-//! | SIGUSR2 | binary upgrade (thread mode): start the binary again with the listening sockets |
+//! | SIGUSR2 | binary upgrade: start the binary again with the listening sockets, hand over |
 //!
 //! Handlers are installed before the first generation loads, so a reload
 //! signal that arrives during start-up does not kill the process (SIGHUP's

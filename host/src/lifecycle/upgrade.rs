@@ -1,4 +1,6 @@
-//! Binary upgrade (SIGUSR2), the way nginx does it, in thread mode.
+//! Binary upgrade (SIGUSR2), the way nginx does it. Thread mode hands over
+//! with [`hand_over`]; process mode's supervisor starts the new binary with
+//! [`start`] too and retires its workers itself.
 //!
 //! 1. The binary at the path this process was started from is executed
 //!    again (re-read from disk: a deploy renamed a new build over it), with
