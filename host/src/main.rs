@@ -3,8 +3,9 @@
 //!
 //! Exit codes: 0 success (including a graceful shutdown); 1 unexpected
 //! failure; 2 invalid command line or configuration; 3 the app library could
-//! not be loaded; 4 the listening socket could not be opened; 128 + N when a
-//! second SIGTERM/SIGINT (signal N) forced an immediate exit.
+//! not be loaded; 4 a listening socket could not be opened; 5 the TLS
+//! certificate or key cannot be read or used; 128 + N when a second
+//! SIGTERM/SIGINT (signal N) forced an immediate exit.
 
 use std::ffi::OsString;
 use std::future::Future;

@@ -13,6 +13,7 @@ mod memory;
 mod procs;
 mod reload;
 mod report;
+mod tls;
 mod wrk;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use anyhow::{bail, Context as _, Result};
 
 use procs::{Binaries, CpuWatch, Kind, Pinning, Server};
 use report::{Comparison, Latency, Machine, Report, Throughput};
+pub use tls::main as tls_main;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--duration SECS] [--runs N] [--rate REQ_PER_SEC]
