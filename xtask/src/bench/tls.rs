@@ -4,11 +4,13 @@
 //! thread each, pinned like `cargo xtask bench` (server and load on their
 //! own CPUs), alternated ABBA, medians over the rounds.
 //!
-//! The load is closed-loop: `--connections` keep-alive TLS connections,
-//! each with one request in flight, for `--seconds`, from a single-threaded
-//! runtime on the load CPU. Figures: requests per second, and the server's
-//! CPU time per request (from its `/proc` accounting). Written to
-//! `bench/results/tls-latest.md` and printed.
+//! The load is `wrk -t1 -c64` over HTTPS (Debian's wrk is built with
+//! OpenSSL) on the load CPU, as in `cargo xtask bench`; without wrk, a
+//! closed-loop rustls client: `--connections` keep-alive TLS connections,
+//! each with one request in flight, from a single-threaded runtime (much
+//! slower than wrk: the server is then not saturated). Figures: requests
+//! per second, and the server's CPU time per request (from its `/proc`
+//! accounting). Written to `bench/results/tls-latest.md` and printed.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::procs::{self, pin_current_thread, CpuWatch, Kind, Pinning, Proc};
+use super::wrk;
 
 struct Settings {
     seconds: u64,
@@ -35,7 +38,8 @@ struct Settings {
     connections: usize,
 }
 
-const USAGE: &str = "usage: cargo xtask bench-tls [--seconds N (5)] [--rounds N (3)] [--connections N (16)]";
+const USAGE: &str =
+    "usage: cargo xtask bench-tls [--seconds N (5)] [--rounds N (3)] [--connections N (16, without wrk only)]";
 
 fn settings(args: &[String]) -> Result<Option<Settings>> {
     let mut settings = Settings { seconds: 5, rounds: 3, connections: 16 };
@@ -99,6 +103,7 @@ fn rounds(
     key: &Path,
     der: &[u8],
 ) -> Result<String> {
+    let wrk = wrk::find();
     let mut runs: Vec<(Kind, Run)> = Vec::new();
     for round in 0..settings.rounds {
         let order = if round % 2 == 0 { [Kind::Pounce, Kind::Baseline] } else { [Kind::Baseline, Kind::Pounce] };
@@ -129,13 +134,27 @@ fn rounds(
                 bail!("{} did not start:\n{}", kind.label(), server.stderr.text());
             };
             // Warm-up, then the measurement.
-            load(addr, der, settings.connections, Duration::from_secs(1), pinning.load_cpu)?;
-            let watch = CpuWatch::start(server.pid())?;
             let duration = Duration::from_secs(settings.seconds);
-            let requests = load(addr, der, settings.connections, duration, pinning.load_cpu)?;
-            let cpu = watch.finish()?;
+            let (rate, cpu) = match &wrk {
+                Some(wrk) => {
+                    let url = format!("https://{addr}/");
+                    wrk::run(wrk, pinning, &url, 1, wrk::Mode::KeepAlive)?;
+                    let watch = CpuWatch::start(server.pid())?;
+                    let result = wrk::run(wrk, pinning, &url, settings.seconds, wrk::Mode::KeepAlive)?;
+                    let cpu = watch.finish()?;
+                    if result.failures() > 0 {
+                        bail!("{}: {} failed requests under wrk", kind.label(), result.failures());
+                    }
+                    (result.requests_per_sec, cpu)
+                }
+                None => {
+                    load(addr, der, settings.connections, Duration::from_secs(1), pinning.load_cpu)?;
+                    let watch = CpuWatch::start(server.pid())?;
+                    let requests = load(addr, der, settings.connections, duration, pinning.load_cpu)?;
+                    (requests as f64 / duration.as_secs_f64(), watch.finish()?)
+                }
+            };
             server.stop();
-            let rate = requests as f64 / duration.as_secs_f64();
             let cpu_us = cpu.server * 1e6 / rate.max(1.0);
             eprintln!("bench-tls: round {} {}: {rate:.0} req/s, {cpu_us:.2} µs CPU/request", round + 1, kind.label());
             runs.push((kind, Run { rate, cpu_us }));
@@ -150,16 +169,21 @@ fn rounds(
     let (pounce_cpu, base_cpu) = (median(Kind::Pounce, |r| r.cpu_us), median(Kind::Baseline, |r| r.cpu_us));
     Ok(format!(
         "# HTTPS keep-alive: pounce-host against the baseline\n\n\
-         `cargo xtask bench-tls --seconds {} --rounds {} --connections {}`: TLS 1.3, ALPN http/1.1, \
-         `GET /` on {} keep-alive connections (closed loop), one server thread; {}.\n\n\
+         `cargo xtask bench-tls --seconds {} --rounds {}`: TLS 1.3, HTTP/1.1, `GET /`, {}, \
+         one server thread; {}.\n\n\
          | server | requests/s (median) | server CPU per request |\n|---|---|---|\n\
          | baseline (hyper + rustls, handler compiled in) | {base_rate:.0} | {base_cpu:.2} µs |\n\
          | pounce-host (--tls-cert) | {pounce_rate:.0} | {pounce_cpu:.2} µs |\n\
          | ratio | {:.3}x | {:.3}x |\n",
         settings.seconds,
         settings.rounds,
-        settings.connections,
-        settings.connections,
+        match wrk {
+            Some(_) => format!("`wrk -t1 -c{}` keep-alive", wrk::CONNECTIONS),
+            None => format!(
+                "{} keep-alive connections of a rustls client (closed loop; wrk not found)",
+                settings.connections
+            ),
+        },
         pinning.description,
         pounce_rate / base_rate,
         pounce_cpu / base_cpu,
