@@ -165,11 +165,11 @@ fn request_path(c: &mut Criterion) {
         .on_thread_start(move || pin_current_thread(server_cpu))
         .build()
         .expect("server runtime");
-    let server = Arc::new(Server::new(config.clone(), first.generation));
+    let server = Arc::new(Server::new(config.clone(), first.generation, None));
     let pounce_addr = {
         let _entered = server_runtime.enter();
-        let listener = listener::bind(&config).expect("bind");
-        let addr = listener.local_addr().expect("address");
+        let listener = listener::bind(&config).expect("bind").remove(0);
+        let addr = listener.tcp_address().expect("address");
         server_runtime.spawn(listener::accept_loop(server.clone(), listener));
         addr
     };

@@ -3,8 +3,9 @@
 //!
 //! Exit codes: 0 success (including a graceful shutdown); 1 unexpected
 //! failure; 2 invalid command line or configuration; 3 the app library could
-//! not be loaded; 4 the listening socket could not be opened; 128 + N when a
-//! second SIGTERM/SIGINT (signal N) forced an immediate exit.
+//! not be loaded; 4 a listening socket could not be opened; 5 the TLS
+//! certificate or key cannot be read or used; 128 + N when a second
+//! SIGTERM/SIGINT (signal N) forced an immediate exit.
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -66,7 +67,8 @@ fn worker(args: WorkerArgs) -> ExitCode {
     };
     let tag = Tag { pid: std::process::id(), generation: args.generation };
     let max_log_level = logging::init(config.log_format, &config.log_level, Some(tag));
-    let assignment = worker::Assignment { generation: args.generation, supervisor: args.supervisor };
+    let assignment =
+        worker::Assignment { generation: args.generation, supervisor: args.supervisor, listeners: args.listeners };
     let (workers, unload_timeout) = (config.workers, config.shutdown_timeout);
     run(workers, unload_timeout, worker::run(config, max_log_level, assignment))
 }

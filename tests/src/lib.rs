@@ -29,6 +29,7 @@ use pounce_devkit::{ready_address, target_dir, workspace};
 use tokio::net::TcpStream;
 
 mod log;
+pub mod tls;
 
 pub use log::Log;
 
@@ -45,6 +46,9 @@ fn cargo_build(packages: &[&str], target: &Path, setting: Option<(&str, &str)>) 
     for name in SAMPLE_SETTINGS {
         command.env_remove(name);
     }
+    // `cargo test` sets it for this process; a build script that tracks it
+    // (ring's) would rebuild for every nested build, and again after it.
+    command.env_remove("CARGO_MANIFEST_DIR");
     if let Some((name, value)) = setting {
         command.env(name, value);
     }
@@ -287,23 +291,35 @@ impl Server {
             .arg("serve")
             .args(defaults_not_in(args, &[("--port", "0"), ("--log-format", "text")]))
             .args(args)
-            .arg(library)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("POUNCE_") || key == "NOTIFY_SOCKET" || key.starts_with("WATCHDOG_") {
-                command.env_remove(key);
-            }
-        }
+            .arg(library);
+        clean_env(&mut command);
         command.envs(env.iter().copied());
         prepare(&mut command);
+        let health_path = flag_value(args, "--health-path").unwrap_or("/health").to_owned();
+        Self::launch(command, &health_path, true)
+    }
+
+    /// Starts `command` (a `pounce-host serve`, perhaps behind a wrapper
+    /// such as `systemd-socket-activate`) with its stderr collected, and
+    /// waits for its `server_ready` event. With `tcp` the event must give a
+    /// TCP address (else [`Server::addr`] is `0.0.0.0:0`).
+    pub fn launch(mut command: Command, health_path: &str, tcp: bool) -> Result<Server, (Option<ExitStatus>, String)> {
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("start pounce-host");
         let log = Log::default();
         log.collect(child.stderr.take().expect("stderr piped"));
-        if let Some(addr) = wait_for_ready(&log, START_TIMEOUT) {
-            let health_path = flag_value(args, "--health-path").unwrap_or("/health").to_owned();
-            return Ok(Server { child, addr, log, health_path });
+        let ready = if tcp {
+            wait_for_ready(&log, START_TIMEOUT)
+        } else {
+            log.wait_for(START_TIMEOUT, |lines| {
+                lines
+                    .iter()
+                    .find(|line| line.contains("server_ready"))
+                    .map(|line| ready_address(line).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))))
+            })
+        };
+        if let Some(addr) = ready {
+            return Ok(Server { child, addr, log, health_path: health_path.to_owned() });
         }
         // No address: it is exiting (its stderr closed), or it never got ready.
         let exiting = log.wait_for_end(Duration::ZERO);
@@ -359,9 +375,31 @@ impl Server {
         Some(status)
     }
 
+    /// Waits for the process to exit, at most `timeout`, without waiting
+    /// for its log to end (after a binary upgrade the new process writes
+    /// to the same pipe).
+    pub fn wait_exit_status(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_for_exit(&mut self.child, timeout)
+    }
+
+    /// The admin listener's address (`--admin-listen`), from the
+    /// `server_ready` line: the listener marked `(admin)`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let logs = self.logs();
+        let line = logs.lines().find(|l| l.contains("server_ready"))?;
+        let before = &line[..line.find(" (admin)")?];
+        before.rsplit([' ', '"', '=']).next()?.trim_start_matches("http://").parse().ok()
+    }
+
+    /// Where the full health answer is: the admin listener if there is
+    /// one, else the app's port.
+    fn health_addr(&self) -> SocketAddr {
+        self.admin_addr().unwrap_or(self.addr)
+    }
+
     /// The health endpoint's JSON.
     pub async fn health(&self) -> serde_json::Value {
-        get(self.addr, &self.health_path).await.expect("GET the health endpoint").json()
+        get(self.health_addr(), &self.health_path).await.expect("GET the health endpoint").json()
     }
 
     /// Asks the health endpoint until its JSON satisfies `ready` and returns
@@ -369,7 +407,7 @@ impl Server {
     pub async fn wait_for_health(&self, what: &str, ready: impl Fn(&serde_json::Value) -> bool) -> Reply {
         let deadline = Instant::now() + HEALTH_WAIT;
         loop {
-            match get(self.addr, &self.health_path).await {
+            match get(self.health_addr(), &self.health_path).await {
                 Ok(reply) if serde_json::from_slice(&reply.body).is_ok_and(|json| ready(&json)) => return reply,
                 last => assert!(
                     Instant::now() < deadline,
@@ -477,6 +515,20 @@ pub fn deny_memfd(command: &mut Command) {
     }
 }
 
+/// Removes the settings a test must not inherit from its own environment:
+/// `POUNCE_*`, systemd's notify, watchdog and socket-activation variables.
+pub fn clean_env(command: &mut Command) {
+    for (key, _) in std::env::vars() {
+        if key.starts_with("POUNCE_")
+            || key == "NOTIFY_SOCKET"
+            || key.starts_with("WATCHDOG_")
+            || key.starts_with("LISTEN_")
+        {
+            command.env_remove(key);
+        }
+    }
+}
+
 /// Sets the child's `RLIMIT_NOFILE` (soft and hard) to `max_fds`.
 fn limit_fds(command: &mut Command, max_fds: u64) {
     let limit = libc::rlimit { rlim_cur: max_fds as libc::rlim_t, rlim_max: max_fds as libc::rlim_t };
@@ -525,7 +577,7 @@ pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
 }
 
 /// What a test sees of a response.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
     pub headers: http::HeaderMap,
@@ -615,6 +667,36 @@ pub async fn get_h2(addr: SocketAddr, path: &str) -> Result<(http::Version, Repl
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
     Ok((version, Reply { status: parts.status.as_u16(), headers: parts.headers, body }))
+}
+
+/// `GET path` on a fresh connection, retrying while the connection itself
+/// fails (a listener that is not there yet), for at most `within`.
+pub async fn get_when_listening(addr: SocketAddr, path: &str, within: Duration) -> Result<Reply, ClientError> {
+    let deadline = Instant::now() + within;
+    loop {
+        match get(addr, path).await {
+            Err(e) if e.starts_with("connect") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            done => return done,
+        }
+    }
+}
+
+/// systemd's `systemd-socket-activate` (Debian package systemd, which
+/// `.ci/run` installs): tests of socket activation fail, not skip, without it.
+pub fn systemd_socket_activate() -> PathBuf {
+    ["/usr/bin/systemd-socket-activate", "/bin/systemd-socket-activate"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.exists())
+        .expect("systemd-socket-activate is installed (Debian package systemd; .ci/run installs it)")
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; tests that need one
+/// bound by another program use it at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// Runs `pounce-host` with `args` to completion (bounded), returning its

@@ -17,7 +17,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use pounce_devkit::workspace;
-use pounce_tests::{get, host_binary, run_host, run_to_end, sample_app, Server};
+use pounce_tests::{
+    clean_env, free_port, get, get_when_listening, host_binary, run_host, run_to_end, sample_app,
+    systemd_socket_activate, Server,
+};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -490,6 +493,69 @@ async fn the_systemd_config_works_with_the_real_host() {
     assert_eq!(announced_shutdown_timeout(&logs), serve.shutdown_timeout, "the unit was checked against this timeout");
 }
 
+/// The values of `key` in `section` of a unit.
+fn section_values<'a>(unit: &'a Unit, section: &str, key: &str) -> Vec<&'a str> {
+    unit.entries.iter().filter(|(s, k, _)| s == section && k == key).map(|(_, _, v)| v.as_str()).collect()
+}
+
+/// `pounce.socket` listens where `pounce.service` would listen without it
+/// (the config's host and port), under a name that serves the app, with
+/// pounce-host's backlog, and activates `pounce.service`.
+#[test]
+fn the_socket_unit_listens_where_the_service_would() {
+    let socket = Unit::load("deploy/systemd/pounce.socket");
+    let listen = section_values(&socket, "Socket", "ListenStream");
+    assert_eq!(listen.len(), 1, "one TCP socket (the unix one is an example): {listen:?}");
+    let settings = toml_top_level(&read("deploy/systemd/pounce.toml"));
+    let host = settings.get("host").cloned().unwrap_or_else(|| default_of("--host").to_owned());
+    let port = settings.get("port").map_or_else(default_port, |p| p.parse().expect("port"));
+    assert_eq!(listen[0], format!("{host}:{port}"), "ListenStream= is pounce.toml's host and port");
+    let name = section_values(&socket, "Socket", "FileDescriptorName");
+    assert_eq!(name, ["app"], "named for the app (a socket named admin serves only health and metrics)");
+    let backlog = section_values(&socket, "Socket", "Backlog");
+    assert_eq!(backlog, [default_of("--backlog")], "the backlog pounce-host would use");
+    let service = section_values(&socket, "Socket", "Service");
+    assert!(service.is_empty() || service == ["pounce.service"], "activates pounce.service: {service:?}");
+    assert_eq!(section_values(&socket, "Install", "WantedBy"), ["sockets.target"]);
+}
+
+/// `pounce.service`'s command with its config, started the way systemd
+/// starts it from `pounce.socket` (by `systemd-socket-activate`, on a free
+/// port, under the unit's socket name): it serves the inherited socket and
+/// binds nothing of its own, and the first connection, made before it
+/// started, is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_unit_works_with_the_real_host() {
+    let unit = Unit::load("deploy/systemd/pounce.service");
+    let socket = Unit::load("deploy/systemd/pounce.socket");
+    let serve = serve_command(&unit);
+    let config = serve.config.expect("the unit uses --config");
+    let name = section_values(&socket, "Socket", "FileDescriptorName").join(":");
+    let port = free_port();
+    let mut argv: Vec<String> = serve.argv[1..serve.argv.len() - 1].to_vec();
+    if let Some(i) = argv.iter().position(|a| a == "--config") {
+        argv[i + 1] = config.to_string_lossy().into_owned();
+    }
+    let mut command = Command::new(systemd_socket_activate());
+    command
+        .args(["-l", &format!("127.0.0.1:{port}"), &format!("--fdname={name}")])
+        .arg(host_binary())
+        .args(&argv)
+        .arg(sample_app());
+    clean_env(&mut command);
+    let launch = std::thread::spawn(move || Server::launch(command, "/health", true));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let first = get_when_listening(addr, "/health", Duration::from_secs(30)).await.expect("the first connection");
+    assert_eq!(first.status, 200, "{}", first.text());
+    let mut server = launch.join().unwrap().unwrap_or_else(|(status, logs)| panic!("({status:?}):\n{logs}"));
+    let logs = server.logs();
+    assert!(logs.contains("systemd passed 1 listening socket(s)"), "{logs}");
+    let ready = logs.lines().find(|l| l.contains("server_ready")).expect("server_ready");
+    assert!(ready.contains(&format!("listeners=\"http://{addr}\"")), "only the inherited socket: {ready}");
+    server.signal(libc::SIGTERM);
+    expect_clean_exit(&mut server, worst_case_shutdown(serve.shutdown_timeout) + Duration::from_secs(5));
+}
+
 // ---------------------------------------------------------------------------
 // Dockerfile
 
@@ -858,10 +924,21 @@ fn the_kubernetes_probes_and_ports_match_the_host() {
         ports.iter().any(|p| p["containerPort"].as_u64() == Some(u64::from(port))),
         "containerPort {port}: {ports:?}"
     );
+    // The probes ask the admin listener, which the kubelet reaches on the
+    // pod's IP; the Service does not expose it.
+    let admin: std::net::SocketAddr =
+        pod.env.get("POUNCE_ADMIN_LISTEN").expect("POUNCE_ADMIN_LISTEN").parse().expect("IP:PORT");
+    assert!(admin.ip().is_unspecified(), "the admin listener is reachable by the kubelet: {admin}");
+    assert_ne!(admin.port(), port);
+    assert!(
+        ports.iter().any(|p| p["containerPort"].as_u64() == Some(u64::from(admin.port()))),
+        "containerPort {}: {ports:?}",
+        admin.port()
+    );
     for probe in ["readinessProbe", "livenessProbe"] {
         let http = &pod.container[probe]["httpGet"];
         assert_eq!(http["path"].as_str(), Some(pod.health_path()), "{probe} uses the host's health endpoint");
-        assert_eq!(pod.resolve_port(&http["port"]), port, "{probe} port");
+        assert_eq!(pod.resolve_port(&http["port"]), admin.port(), "{probe} asks the admin port");
     }
     assert_eq!(pod.health_path(), default_health_path());
     assert_eq!(port, 8000, "the documented port");
@@ -904,21 +981,31 @@ async fn the_kubernetes_settings_work_with_the_real_host() {
         if matches!(name, "HOST" | "PORT" | "LOG_FORMAT") {
             continue;
         }
+        // The admin listener on a free loopback port, found in the log.
+        if name == "ADMIN_LISTEN" {
+            args.push("--admin-listen=0".to_owned());
+            continue;
+        }
         args.push(format!("--{}={value}", name.to_ascii_lowercase().replace('_', "-")));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut server = Server::start(&sample_app(), &args);
     let path = pod.health_path().to_owned();
-    let ready = get(server.addr, &path).await.expect("readiness");
+    let probed = server.admin_addr().expect("an admin listener");
+    let ready = get(probed, &path).await.expect("readiness");
     assert_eq!(ready.status, 200);
-    assert_eq!(serde_json::from_slice::<Value>(&ready.body).expect("JSON")["status"], "ok");
+    let full: Value = serde_json::from_slice(&ready.body).expect("JSON");
+    assert_eq!(full["status"], "ok");
+    assert!(full.get("last_reload").is_some(), "the probed port has the full answer: {full}");
+    let public = get(server.addr, &path).await.expect("the app port's health").json();
+    assert_eq!(public.as_object().map(|o| o.len()), Some(2), "the app port says only status and generation: {public}");
 
     let addr = server.addr;
     let slow = tokio::spawn(async move { get(addr, "/sleep?ms=1500").await });
     server.wait_for_in_flight(1).await;
     server.signal(libc::SIGTERM);
     server.wait_until_draining().await;
-    let draining = get(addr, &path).await.expect("readiness while draining");
+    let draining = get(probed, &path).await.expect("readiness while draining");
     assert_eq!(draining.status, 503, "not ready once terminating: {}", draining.text());
 
     assert_eq!(slow.await.unwrap().expect("in flight").status, 200);

@@ -1,7 +1,7 @@
 //! Range and sanity checks every setting passes, whichever source gave it.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -109,5 +109,49 @@ pub fn check_log_level(filter: String) -> Result<String, String> {
     match EnvFilter::try_new(&filter) {
         Ok(_) => Ok(filter),
         Err(error) => Err(format!("{error}: {EXPECTED}")),
+    }
+}
+
+/// Several `--host` addresses must differ, or the second bind would fail.
+pub fn check_hosts(hosts: Vec<IpAddr>) -> Result<Vec<IpAddr>, String> {
+    for (at, host) in hosts.iter().enumerate() {
+        if hosts[..at].contains(host) {
+            return Err(format!("{host} is given twice: expected distinct addresses"));
+        }
+    }
+    Ok(hosts)
+}
+
+/// `--uds-mode`: octal permission bits such as `660`, `0660` or `0o660`.
+pub fn parse_mode(text: &str) -> Result<u32, String> {
+    const EXPECTED: &str = "expected octal permissions such as 0660 or 0600";
+    let trimmed = text.trim();
+    let digits = trimmed.strip_prefix("0o").unwrap_or(trimmed);
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(8)) {
+        return Err(EXPECTED.to_owned());
+    }
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("out of range: {EXPECTED} (at most 0777)")),
+    }
+}
+
+/// `--admin-listen`: `PORT` (on loopback) or `IP:PORT` (`[::1]:PORT` for
+/// IPv6).
+pub fn parse_admin_listen(text: &str) -> Result<SocketAddr, String> {
+    const EXPECTED: &str = "expected PORT (on 127.0.0.1) or IP:PORT, e.g. 9000, 0.0.0.0:9000 or [::1]:9000";
+    let text = text.trim();
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    text.parse().map_err(|_| EXPECTED.to_owned())
+}
+
+/// A file setting (certificate, key, socket path): any path but the empty one.
+pub fn check_file(path: std::path::PathBuf) -> Result<std::path::PathBuf, String> {
+    if path.as_os_str().is_empty() {
+        Err("empty: expected a file path".to_owned())
+    } else {
+        Ok(path)
     }
 }

@@ -55,6 +55,10 @@ pub struct WorkerArgs {
     /// The supervisor's pid: a worker whose parent is not it exits.
     #[arg(long)]
     pub supervisor: u32,
+    /// What the listening sockets passed from descriptor 5 on serve, in
+    /// order: `app` or `admin`.
+    #[arg(long, value_delimiter = ',')]
+    pub listeners: Vec<String>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -72,13 +76,45 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 
     /// IP address to listen on; 0.0.0.0 or :: listen on all interfaces.
-    /// Default: 127.0.0.1.
-    #[arg(long, env = "POUNCE_HOST", value_name = "ADDR")]
-    pub host: Option<IpAddr>,
+    /// Repeat it, or separate addresses with commas, to listen on several
+    /// (e.g. 127.0.0.1,::1), all on --port. With --uds and neither --host
+    /// nor --port, no TCP port is opened; with systemd socket activation,
+    /// neither. Default: 127.0.0.1.
+    #[arg(long, env = "POUNCE_HOST", value_name = "ADDR", value_delimiter = ',')]
+    pub host: Vec<IpAddr>,
 
-    /// TCP port to listen on; 0 picks a free port. Default: 8000.
+    /// TCP port to listen on; 0 picks a free port (the first --host's; the
+    /// other addresses take the same). Default: 8000.
     #[arg(long, env = "POUNCE_PORT", value_name = "PORT")]
     pub port: Option<u16>,
+
+    /// Also listen on this unix domain socket (plain HTTP, for a proxy on
+    /// the same machine). A socket file left by a dead process is replaced;
+    /// one another process listens on is an error (exit 4). Default: none.
+    #[arg(long, env = "POUNCE_UDS", value_name = "PATH")]
+    pub uds: Option<PathBuf>,
+
+    /// Permissions of the --uds socket file, in octal. Default: 0660.
+    #[arg(long, env = "POUNCE_UDS_MODE", value_name = "OCTAL")]
+    pub uds_mode: Option<String>,
+
+    /// Serve HTTPS on the TCP ports with this certificate chain (PEM, the
+    /// server's certificate first); needs --tls-key. Re-read, with the key,
+    /// on every reload. Default: none (plain HTTP).
+    #[arg(long, env = "POUNCE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    /// Default: none.
+    #[arg(long, env = "POUNCE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve the health and metrics endpoints on their own listener, ADDR
+    /// being PORT (on 127.0.0.1) or IP:PORT; the app's ports then answer
+    /// health with status and generation only, and no metrics.
+    /// Default: none.
+    #[arg(long, env = "POUNCE_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
 
     /// Worker threads of the async runtime, from 1 to 1024. Default: the
     /// number of available CPUs.
@@ -378,7 +414,7 @@ pub(crate) mod tests {
             "--app-arg",
             "b=x=y",
         ]);
-        assert_eq!(args.host, Some("::1".parse().unwrap()));
+        assert_eq!(args.host, ["::1".parse::<IpAddr>().unwrap()]);
         assert_eq!(args.port, Some(0));
         assert_eq!(args.reload_timeout, Some(Duration::from_millis(500)));
         assert_eq!(args.max_body_size, Some(4 << 20));

@@ -7,9 +7,14 @@ use std::path::PathBuf;
 /// Top-level keys of the config file, listed in the unknown-key error.
 /// `library` is not among them: only the command line chooses which code
 /// runs.
-pub const FILE_KEYS: [&str; 34] = [
+pub const FILE_KEYS: [&str; 39] = [
     "host",
     "port",
+    "uds",
+    "uds_mode",
+    "tls_cert",
+    "tls_key",
+    "admin_listen",
     "workers",
     "backlog",
     "max_connections",
@@ -61,6 +66,9 @@ pub enum ConfigError {
         FILE_KEYS.join(", ")
     )]
     UnknownKey { path: PathBuf, key: String },
+    /// Settings that do not go together, e.g. --tls-cert without --tls-key.
+    #[error("{0}")]
+    Conflict(String),
     /// A value of the wrong type, malformed, or out of range.
     #[error("{origin} = {value}: {problem}")]
     InvalidValue {

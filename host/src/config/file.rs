@@ -11,9 +11,9 @@ use clap::ValueEnum;
 use toml::Value;
 
 use super::checks::{
-    check_dir, check_extensions, check_header_size, check_health_path, check_log_level, check_timeout,
-    check_timeout_or_off, in_range, parse_host, range_problem, BACKLOG, H2_MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS,
-    PORTS, PROCESSES, RESTARTS, WORKERS,
+    check_dir, check_extensions, check_file, check_header_size, check_health_path, check_hosts, check_log_level,
+    check_timeout, check_timeout_or_off, in_range, parse_admin_listen, parse_host, parse_mode, range_problem, BACKLOG,
+    H2_MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, PORTS, PROCESSES, RESTARTS, WORKERS,
 };
 use super::error::{ConfigError, Origin};
 use super::layer::Layer;
@@ -31,7 +31,17 @@ fn read(path: &Path) -> Result<Layer, ConfigError> {
     let mut layer = Layer::default();
     for (key, value) in &table {
         let parsed = match key.as_str() {
-            "host" => put(&mut layer.host, text_of(value).and_then(|text| parse_host(&text))),
+            "host" => put(
+                &mut layer.host,
+                list(value).and_then(|hosts| hosts.iter().map(|h| parse_host(h)).collect()).and_then(check_hosts),
+            ),
+            "uds" => put(&mut layer.uds, text_of(value).map(PathBuf::from).and_then(check_file)),
+            "uds_mode" => put(&mut layer.uds_mode, text_of(value).and_then(|text| parse_mode(&text))),
+            "tls_cert" => put(&mut layer.tls_cert, text_of(value).map(PathBuf::from).and_then(check_file)),
+            "tls_key" => put(&mut layer.tls_key, text_of(value).map(PathBuf::from).and_then(check_file)),
+            "admin_listen" => {
+                put(&mut layer.admin_listen, number_or_text(value).and_then(|text| parse_admin_listen(&text)))
+            }
             "port" => put(&mut layer.port, integer_in(value, &PORTS)),
             "workers" => put(&mut layer.workers, integer_in(value, &WORKERS)),
             "backlog" => put(&mut layer.backlog, integer_in(value, &BACKLOG)),

@@ -3,13 +3,14 @@
 //! the bad value came from.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::checks::{
-    check_dir, check_extensions, check_header_size, check_health_path, check_log_level, check_timeout,
-    check_timeout_or_off, in_range, BACKLOG, H2_MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, PROCESSES, RESTARTS, WORKERS,
+    check_dir, check_extensions, check_file, check_header_size, check_health_path, check_hosts, check_log_level,
+    check_timeout, check_timeout_or_off, in_range, parse_admin_listen, parse_mode, BACKLOG, H2_MAX_CONCURRENT_STREAMS,
+    MAX_CONNECTIONS, PROCESSES, RESTARTS, WORKERS,
 };
 use super::cli::ServeArgs;
 use super::error::{ConfigError, Origin};
@@ -18,8 +19,13 @@ use super::values::{LogFormat, Mode};
 /// The settings one source gave; `None` means that source left it unset.
 #[derive(Debug, Default)]
 pub struct Layer {
-    pub host: Option<IpAddr>,
+    pub host: Option<Vec<IpAddr>>,
     pub port: Option<u16>,
+    pub uds: Option<PathBuf>,
+    pub uds_mode: Option<u32>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub admin_listen: Option<SocketAddr>,
     pub workers: Option<usize>,
     pub backlog: Option<u32>,
     pub max_connections: Option<usize>,
@@ -61,8 +67,13 @@ impl Layer {
     /// Checks the values clap parsed from flags and environment variables.
     pub fn from_flags(args: ServeArgs) -> Result<Layer, ConfigError> {
         Ok(Layer {
-            host: args.host,
+            host: flag("host", non_empty(args.host), check_hosts)?,
             port: args.port,
+            uds: flag("uds", args.uds, check_file)?,
+            uds_mode: flag("uds_mode", args.uds_mode, |text| parse_mode(&text))?,
+            tls_cert: flag("tls_cert", args.tls_cert, check_file)?,
+            tls_key: flag("tls_key", args.tls_key, check_file)?,
+            admin_listen: flag("admin_listen", args.admin_listen, |text| parse_admin_listen(&text))?,
             workers: flag("workers", args.workers, |n| in_range(n, &WORKERS))?,
             backlog: flag("backlog", args.backlog, |n| in_range(n, &BACKLOG))?,
             max_connections: flag("max_connections", args.max_connections, |n| in_range(n, &MAX_CONNECTIONS))?,

@@ -13,7 +13,7 @@ mod file;
 mod layer;
 pub mod values;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +27,7 @@ use layer::Layer;
 
 const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const DEFAULT_PORT: u16 = 8000;
+const DEFAULT_UDS_MODE: u32 = 0o660;
 const DEFAULT_BACKLOG: u32 = 2048;
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,8 +51,20 @@ const DEFAULT_ROLLBACK_WINDOW: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub library: PathBuf,
-    pub host: IpAddr,
+    /// The TCP addresses (at least one), all on `port`.
+    pub host: Vec<IpAddr>,
     pub port: u16,
+    /// Whether to listen on TCP: `--host` or `--port` was given, or no
+    /// `--uds` was. (With systemd socket activation nothing is bound for
+    /// the app: the socket unit decides.)
+    pub tcp: bool,
+    /// A unix domain socket to listen on, and its file's permissions.
+    pub uds: Option<PathBuf>,
+    pub uds_mode: u32,
+    /// HTTPS on the TCP listeners.
+    pub tls: Option<TlsFiles>,
+    /// Health and metrics on a listener of their own.
+    pub admin_listen: Option<SocketAddr>,
     pub workers: usize,
     pub backlog: u32,
     /// Connections open at once; at the limit, no more are accepted.
@@ -102,6 +115,13 @@ pub struct Config {
     pub staging_dir: PathBuf,
 }
 
+/// The certificate chain and private key files of `--tls-cert`/`--tls-key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// The settings `pounce-host check` uses: those that decide how the library
 /// is loaded, from its flags and the config file as for `serve`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +140,7 @@ impl Config {
         let file = file::read_optional(args.config.as_deref())?;
         let library = args.library.clone();
         let flags = Layer::from_flags(args)?;
-        Ok(merge(library, flags, file))
+        merge(library, flags, file)
     }
 }
 
@@ -143,11 +163,37 @@ pub fn check_settings(args: &CheckArgs) -> Result<CheckSettings, ConfigError> {
 }
 
 /// Combines the command line over the file over the built-in defaults.
-fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
-    Config {
+fn merge(library: PathBuf, flags: Layer, file: Layer) -> Result<Config, ConfigError> {
+    let host = flags.host.or(file.host);
+    let port = flags.port.or(file.port);
+    let uds = flags.uds.or(file.uds);
+    let tls = match (flags.tls_cert.or(file.tls_cert), flags.tls_key.or(file.tls_key)) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::Conflict(
+                "--tls-cert / POUNCE_TLS_CERT (tls_cert) is set but --tls-key / POUNCE_TLS_KEY (tls_key) is not: \
+             HTTPS needs both, the certificate chain and its private key"
+                    .to_owned(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Conflict(
+                "--tls-key / POUNCE_TLS_KEY (tls_key) is set but --tls-cert / POUNCE_TLS_CERT (tls_cert) is not: \
+             HTTPS needs both, the certificate chain and its private key"
+                    .to_owned(),
+            ))
+        }
+    };
+    Ok(Config {
         library,
-        host: flags.host.or(file.host).unwrap_or(DEFAULT_HOST),
-        port: flags.port.or(file.port).unwrap_or(DEFAULT_PORT),
+        tcp: host.is_some() || port.is_some() || uds.is_none(),
+        host: host.unwrap_or_else(|| vec![DEFAULT_HOST]),
+        port: port.unwrap_or(DEFAULT_PORT),
+        uds,
+        uds_mode: flags.uds_mode.or(file.uds_mode).unwrap_or(DEFAULT_UDS_MODE),
+        tls,
+        admin_listen: flags.admin_listen.or(file.admin_listen),
         workers: flags.workers.or(file.workers).unwrap_or_else(|| available_cpus(&WORKERS)),
         backlog: flags.backlog.or(file.backlog).unwrap_or(DEFAULT_BACKLOG),
         max_connections: flags.max_connections.or(file.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS),
@@ -183,7 +229,7 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Config {
         preflight: flags.preflight.or(file.preflight).unwrap_or(true),
         allow_insecure_library: flags.allow_insecure_library.or(file.allow_insecure_library).unwrap_or(false),
         staging_dir: flags.staging_dir.or(file.staging_dir).unwrap_or_else(std::env::temp_dir),
-    }
+    })
 }
 
 /// One per CPU the process may use, within the allowed range.
@@ -286,9 +332,14 @@ mod tests {
     fn defaults_apply_when_nothing_is_given() {
         let config = config(&[]).unwrap();
         assert_eq!(config.library, PathBuf::from("app.so"));
-        assert_eq!(config.host, DEFAULT_HOST);
+        assert_eq!(config.host, [DEFAULT_HOST]);
         assert_eq!(config.port, 8000);
         assert!(config.preflight);
+        assert!(config.tcp);
+        assert_eq!(config.uds, None);
+        assert_eq!(config.uds_mode, 0o660);
+        assert_eq!(config.tls, None);
+        assert_eq!(config.admin_listen, None);
         assert!(WORKERS.contains(&config.workers));
         assert_eq!(config.backlog, 2048);
         assert_eq!(config.max_connections, 10_000);
@@ -314,7 +365,13 @@ mod tests {
     fn flags_set_every_setting() {
         let config = config(&[
             "--host=0.0.0.0",
+            "--host=::",
             "--port=0",
+            "--uds=/run/pounce.sock",
+            "--uds-mode=0600",
+            "--tls-cert=/etc/pounce/cert.pem",
+            "--tls-key=/etc/pounce/key.pem",
+            "--admin-listen=9000",
             "--workers=3",
             "--backlog=16",
             "--max-connections=7",
@@ -335,8 +392,14 @@ mod tests {
             "--staging-dir=/var/tmp/pounce",
         ])
         .unwrap();
-        assert_eq!(config.host, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(config.host, [IpAddr::V4(Ipv4Addr::UNSPECIFIED), "::".parse().unwrap()]);
         assert_eq!(config.port, 0);
+        assert!(config.tcp, "--host given: TCP besides the unix socket");
+        assert_eq!(config.uds, Some(PathBuf::from("/run/pounce.sock")));
+        assert_eq!(config.uds_mode, 0o600);
+        let tls = TlsFiles { cert: "/etc/pounce/cert.pem".into(), key: "/etc/pounce/key.pem".into() };
+        assert_eq!(config.tls, Some(tls));
+        assert_eq!(config.admin_listen, Some(SocketAddr::from(([127, 0, 0, 1], 9000))));
         assert_eq!(config.workers, 3);
         assert_eq!(config.backlog, 16);
         assert_eq!(config.max_connections, 7);
@@ -381,6 +444,11 @@ mod tests {
         let toml = r#"
             host = "::1"
             port = 9000
+            uds = "/run/pounce.sock"
+            uds_mode = "600"
+            tls_cert = "cert.pem"
+            tls_key = "key.pem"
+            admin_listen = "[::1]:9100"
             workers = 2
             backlog = 128
             max_connections = 500
@@ -408,8 +476,13 @@ mod tests {
             verbose = true
         "#;
         let config = config_with_file("all-keys", toml, &[]).unwrap();
-        assert_eq!(config.host, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(config.host, ["::1".parse::<IpAddr>().unwrap()]);
         assert_eq!(config.port, 9000);
+        assert!(config.tcp);
+        assert_eq!(config.uds, Some(PathBuf::from("/run/pounce.sock")));
+        assert_eq!(config.uds_mode, 0o600);
+        assert_eq!(config.tls, Some(TlsFiles { cert: "cert.pem".into(), key: "key.pem".into() }));
+        assert_eq!(config.admin_listen, Some("[::1]:9100".parse().unwrap()));
         assert_eq!(config.workers, 2);
         assert_eq!(config.backlog, 128);
         assert_eq!(config.max_connections, 500);
@@ -649,6 +722,11 @@ mod tests {
         let toml = r#"
             host = "127.0.0.1"
             port = 1
+            uds = "/run/pounce.sock"
+            uds_mode = "0660"
+            tls_cert = "cert.pem"
+            tls_key = "key.pem"
+            admin_listen = 9000
             workers = 1
             backlog = 1
             max_connections = 1
@@ -689,5 +767,40 @@ mod tests {
         known.sort_unstable();
         assert_eq!(keys, known);
         config_with_file("every-key", toml, &[]).unwrap();
+    }
+
+    #[test]
+    fn listeners_choose_tcp_unix_or_both() {
+        let only_unix = config(&["--uds=/run/p.sock"]).unwrap();
+        assert!(!only_unix.tcp, "--uds alone: no TCP port");
+        let both = config(&["--uds=/run/p.sock", "--port=8001"]).unwrap();
+        assert!(both.tcp);
+        let hosts = config_with_file("hosts", "host = [\"127.0.0.1\", \"::1\"]\n", &[]).unwrap();
+        assert_eq!(hosts.host, ["127.0.0.1".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
+        let hosts = config(&["--host=127.0.0.1,::1"]).unwrap();
+        assert_eq!(hosts.host.len(), 2);
+        let message = config(&["--host=::1,::1"]).unwrap_err().to_string();
+        assert!(message.starts_with("--host / POUNCE_HOST = [::1, ::1]: ::1 is given twice"), "{message}");
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_listeners_check_their_values() {
+        let message = config(&["--tls-cert=cert.pem"]).unwrap_err().to_string();
+        assert!(message.contains("--tls-key / POUNCE_TLS_KEY (tls_key) is not"), "{message}");
+        let message = config(&["--tls-key=key.pem"]).unwrap_err().to_string();
+        assert!(message.contains("--tls-cert / POUNCE_TLS_CERT (tls_cert) is not"), "{message}");
+        let cases = [
+            ("--uds-mode=999", "--uds-mode / POUNCE_UDS_MODE = \"999\": expected octal permissions"),
+            ("--uds-mode=01777", "--uds-mode / POUNCE_UDS_MODE = \"01777\": out of range"),
+            ("--admin-listen=localhost:9", "--admin-listen / POUNCE_ADMIN_LISTEN = \"localhost:9\": expected PORT"),
+        ];
+        for (flag, expected) in cases {
+            let message = config(&[flag]).expect_err(flag).to_string();
+            assert!(message.starts_with(expected), "{flag}:\n{message}");
+        }
+        let (message, _) = error_with_file("bad-mode", "uds_mode = 660\n");
+        assert!(message.contains("uds_mode = 660: expected a string"), "{message}");
+        let config = config(&["--admin-listen=0.0.0.0:9100"]).unwrap();
+        assert_eq!(config.admin_listen, Some(SocketAddr::from(([0, 0, 0, 0], 9100))));
     }
 }

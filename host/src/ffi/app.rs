@@ -529,7 +529,7 @@ impl AppCall {
     pub fn start(
         lease: Arc<dyn Lease>,
         request: http::Request<Incoming>,
-        peer: SocketAddr,
+        peer: Option<SocketAddr>,
         max_body_size: u64,
     ) -> AppCall {
         let (parts, incoming) = request.into_parts();
@@ -541,7 +541,7 @@ impl AppCall {
             chunk: Bytes::new(),
             note: String::new(),
         };
-        let head = empty_head(PeerAddr::new(peer));
+        let head = empty_head(peer.map_or(PeerAddr::UNKNOWN, PeerAddr::new));
         let request = Box::into_raw(Box::new(PendingRequest { lease, parts, headers: Vec::new(), head, body }));
         // SAFETY: `request` was just allocated and nothing else points to it
         // yet, so this exclusive borrow is the only one.

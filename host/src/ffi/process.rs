@@ -16,11 +16,14 @@ use std::process::{Child, Command};
 
 /// Starts `command` with each `(source, target)` descriptor duplicated to
 /// `target` in the child (`dup2` clears close-on-exec on the copy, so only
-/// these reach the new program). The child gets SIGKILL when the thread
-/// that started it exits (`PR_SET_PDEATHSIG`): call this from a thread that
-/// lives as long as the supervisor.
-pub fn spawn_with_fds(command: &mut Command, fds: &[(RawFd, RawFd)]) -> io::Result<Child> {
-    const MAX: usize = 8;
+/// these reach the new program). With `die_with_parent` the child gets
+/// SIGKILL when the thread that started it exits (`PR_SET_PDEATHSIG`): call
+/// this from a thread that lives as long as the supervisor. (A binary
+/// upgrade's new process must outlive the old one: it does not.)
+pub fn spawn_with_fds(command: &mut Command, fds: &[(RawFd, RawFd)], die_with_parent: bool) -> io::Result<Child> {
+    const MAX: usize = 64;
+    /// Above every target (targets are small numbers: 3 and up).
+    const FLOOR: RawFd = 100;
     if fds.len() > MAX {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors for a worker"));
     }
@@ -37,7 +40,7 @@ pub fn spawn_with_fds(command: &mut Command, fds: &[(RawFd, RawFd)]) -> io::Resu
             // that a source whose number is another's target is not lost.
             let mut moved = [-1; MAX];
             for (slot, &(source, _)) in moved.iter_mut().zip(&table[..count]) {
-                *slot = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 64);
+                *slot = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, FLOOR);
                 if *slot == -1 {
                     return Err(io::Error::last_os_error());
                 }
@@ -48,7 +51,7 @@ pub fn spawn_with_fds(command: &mut Command, fds: &[(RawFd, RawFd)]) -> io::Resu
                     return Err(io::Error::last_os_error());
                 }
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+            if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())

@@ -8,10 +8,13 @@ use std::time::Instant;
 
 use http::Method;
 
+use super::connection::Peer;
 use super::server::Server;
 
 pub struct RequestRecord {
     server: Arc<Server>,
+    /// The client: its address, or the unix socket it came through.
+    peer: Peer,
     method: Method,
     path: String,
     started: Instant,
@@ -23,10 +26,11 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     /// Starts a record if the server observes requests.
-    pub fn start(server: &Arc<Server>, method: &Method, path: &str) -> Option<RequestRecord> {
+    pub fn start(server: &Arc<Server>, peer: &Peer, method: &Method, path: &str) -> Option<RequestRecord> {
         let observes = server.config.access_log || server.reporter.metrics().is_some();
         observes.then(|| RequestRecord {
             server: server.clone(),
+            peer: peer.clone(),
             method: method.clone(),
             path: path.to_owned(),
             started: Instant::now(),
@@ -51,6 +55,7 @@ impl RequestRecord {
         if self.server.config.access_log {
             tracing::info!(
                 target: "access",
+                peer = %self.peer,
                 method = %self.method,
                 path = %self.path,
                 status = self.status,

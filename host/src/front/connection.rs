@@ -50,7 +50,6 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// How often the server checks connection deadlines (and advances the
 /// coarse clock connections stamp their activity with).
@@ -154,10 +153,41 @@ impl Rules {
     }
 }
 
+/// Who is at the other end of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A TCP client.
+    Ip(SocketAddr),
+    /// A client of a unix socket, shown as the socket (`unix:/run/pounce.sock`).
+    Unix(Arc<str>),
+}
+
+impl Peer {
+    /// The client's IP address and port, which the app sees; `None` on a
+    /// unix socket.
+    pub fn ip(&self) -> Option<SocketAddr> {
+        match self {
+            Peer::Ip(address) => Some(*address),
+            Peer::Unix(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Ip(address) => address.fmt(f),
+            Peer::Unix(name) => f.write_str(name),
+        }
+    }
+}
+
 /// What the requests of one connection share.
 pub struct Connection {
     rules: Arc<Rules>,
-    pub peer: SocketAddr,
+    pub peer: Peer,
+    /// Accepted on the admin listener: health and metrics only.
+    pub admin: bool,
     in_flight: AtomicUsize,
     requests: AtomicU64,
     /// When the connection last became idle (coarse clock, ms).
@@ -191,9 +221,14 @@ impl Connection {
         self.in_flight.load(Ordering::Acquire) > 0 && self.generation.load(Ordering::Relaxed) <= generation
     }
 
-    /// Whether the connection was seen to speak HTTP/2.
+    /// Whether the connection is known to speak HTTP/2.
     pub fn is_http2(&self) -> bool {
         self.http2.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request is being served on this connection.
+    pub fn is_busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
     }
 
     /// Closes the connection at once, cutting what runs on it.
@@ -283,12 +318,12 @@ impl Connection {
 }
 
 /// The socket, noting when request bytes arrive (for `header_timeout`).
-struct Watched {
-    stream: TcpStream,
+struct Watched<S> {
+    stream: S,
     connection: Arc<Connection>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
@@ -300,7 +335,7 @@ impl AsyncRead for Watched {
 }
 
 /// The socket, noting when it takes bytes (send progress, for `send_timeout`).
-impl Watched {
+impl<S> Watched<S> {
     fn written(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if let Poll::Ready(Ok(1..)) = polled {
             self.connection.wrote();
@@ -309,7 +344,7 @@ impl Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.written(polled)
@@ -385,10 +420,10 @@ impl Drop for Activity {
         // During a shutdown, a connection that was accepted late (or raced
         // the shutdown's sweep over connections) closes after its answer;
         // for HTTP/2 that is a GOAWAY, which `Connection: close` is not.
-        // A retiring worker's HTTP/1 connection is not closed here: its
-        // response may have gone out before the retirement, without
-        // `Connection: close`, and the client may be sending its next
-        // request already; that one is answered with `Connection: close`.
+        // A retiring process (a process-mode worker, or the old process of
+        // a binary upgrade) closes HTTP/1 connections only through the
+        // `Connection: close` of an answer: closing one after a response
+        // that promised keep-alive would fail the client's next request.
         let retiring_h2 = connection.rules.is_retiring() && connection.is_http2();
         if connection.rules.is_shutting_down() || retiring_h2 {
             connection.control.set(FINISH);
@@ -397,12 +432,13 @@ impl Drop for Activity {
 }
 
 impl Connection {
-    /// A connection from `peer`, just accepted.
-    pub fn new(peer: SocketAddr, rules: Arc<Rules>) -> Connection {
+    /// A connection from `peer`, just accepted (on the admin listener if `admin`).
+    pub fn new(peer: Peer, admin: bool, rules: Arc<Rules>) -> Connection {
         Connection {
             accepted_in_shutdown: rules.is_shutting_down(),
             rules,
             peer,
+            admin,
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(stamp_ms()),
@@ -416,14 +452,11 @@ impl Connection {
     }
 }
 
-/// Serves `connection` over `stream` with `service` until it ends or is
-/// closed through its control.
-pub async fn serve<S, B>(
-    stream: TcpStream,
-    connection: Arc<Connection>,
-    http: &auto::Builder<TokioExecutor>,
-    service: S,
-) where
+/// Serves `connection` over `stream` (TCP, unix or TLS) with `service`
+/// until it ends or is closed through its control.
+pub async fn serve<I, S, B>(stream: I, connection: Arc<Connection>, http: &auto::Builder<TokioExecutor>, service: S)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -431,8 +464,7 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _ = stream.set_nodelay(true);
-    let peer = connection.peer;
+    let peer = connection.peer.clone();
     let io = TokioIo::new(Watched { stream, connection: connection.clone() });
     let conn = http.serve_connection(io, service);
     tokio::pin!(conn);
@@ -470,7 +502,7 @@ mod tests {
 
     fn connection(send_timeout: Option<Duration>) -> Arc<Connection> {
         let rules = Rules::new(Duration::from_secs(10), Duration::from_secs(5), send_timeout);
-        Arc::new(Connection::new(SocketAddr::from(([127, 0, 0, 1], 1)), Arc::new(rules)))
+        Arc::new(Connection::new(Peer::Ip(SocketAddr::from(([127, 0, 0, 1], 1))), false, Arc::new(rules)))
     }
 
     /// When the connection counts as stalled unless sending progresses.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::connection::{self, Connection, Rules};
+use super::connection::{self, Connection, Peer, Rules};
 use crate::config::format_duration;
 
 pub struct Connections {
@@ -52,9 +52,9 @@ impl Connections {
     /// Registers a connection from `peer`, just accepted into the room
     /// `admission` holds; it counts as open (and keeps that room) until the
     /// returned [`Open`] guard is dropped.
-    pub fn accepted(self: &Arc<Self>, peer: std::net::SocketAddr, admission: Admission) -> (Arc<Connection>, Open) {
+    pub fn accepted(self: &Arc<Self>, peer: Peer, admin: bool, admission: Admission) -> (Arc<Connection>, Open) {
         self.count.fetch_add(1, Ordering::AcqRel);
-        let connection = Arc::new(Connection::new(peer, self.rules.clone()));
+        let connection = Arc::new(Connection::new(peer, admin, self.rules.clone()));
         let mut open = lock(&self.open);
         open.retain(|c| c.strong_count() > 0);
         open.push(Arc::downgrade(&connection));
@@ -78,12 +78,14 @@ impl Connections {
         self.rules.is_retiring()
     }
 
-    /// A process-mode worker hands over to newer ones: stop accepting (the
-    /// listening socket stays open in the other processes); HTTP/1
-    /// connections close after their next response, which says
-    /// `Connection: close` (closing one sooner could cut a request the
-    /// client is sending right now); HTTP/2 connections get a GOAWAY, which
-    /// tells the client which requests were taken. Nothing is refused.
+    /// A process-mode worker hands over to newer ones, or the old process
+    /// of a binary upgrade to the new one: stop accepting (the listening
+    /// socket stays open in the other processes), close HTTP/1 connections
+    /// after their next response (it carries `Connection: close`; one left
+    /// idle is closed by its keep-alive timeout), send HTTP/2 connections
+    /// GOAWAY (they finish their streams). Nothing is refused, and no
+    /// HTTP/1 client sees a connection close that its last response said
+    /// would stay open.
     pub fn retire(&self) {
         self.rules.begin_retiring();
         self.stop_accepting.send_replace(true);

@@ -13,13 +13,16 @@ use crate::operations::metrics;
 /// load balancer sees the server's state even while an app misbehaves:
 /// `200 {"status":"ok",...}` while serving, `503 {"status":"draining",...}`
 /// once shutdown has begun.
-pub fn health(method: &Method, server: &Server) -> Response<ResponseBody> {
+/// `brief`: only status and generation (the app's port, when an admin
+/// listener has the full answer).
+pub fn health(method: &Method, server: &Server, brief: bool) -> Response<ResponseBody> {
     if method != Method::GET && method != Method::HEAD {
         return only_get_or_head();
     }
     let snapshot = server.snapshot();
     let status = if snapshot.shutting_down { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
-    let mut response = Response::new(ResponseBody::full(snapshot.to_json().into(), None));
+    let json = if brief { snapshot.to_brief_json() } else { snapshot.to_json() };
+    let mut response = Response::new(ResponseBody::full(json.into(), None));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -35,6 +38,22 @@ pub fn metrics(method: &Method, server: &Server) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::full(metrics.render(&server.snapshot()).into(), None));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
     response
+}
+
+/// The admin listener: the health endpoint (full answer) and the metrics,
+/// nothing else.
+pub fn admin(method: &Method, path: &str, server: &Server) -> Response<ResponseBody> {
+    let config = &server.config;
+    if config.health_path.as_deref() == Some(path) {
+        return health(method, server, false);
+    }
+    if config.metrics_path.as_deref() == Some(path) {
+        return metrics(method, server);
+    }
+    let offered: Vec<&str> =
+        [config.health_path.as_deref(), config.metrics_path.as_deref()].into_iter().flatten().collect();
+    let text = format!("not found: this admin listener answers only {}\n", offered.join(" and "));
+    host_answer(StatusCode::NOT_FOUND, text, false)
 }
 
 fn only_get_or_head() -> Response<ResponseBody> {

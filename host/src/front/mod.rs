@@ -2,7 +2,8 @@
 //! one connection and its deadlines ([`connection`]), the registry of open
 //! connections ([`connections`]), the request path ([`service`]) with the
 //! host's own answers ([`host`]), the response body ([`body`]) and the
-//! per-request record ([`access`]). [`Server`] is what they share.
+//! per-request record ([`access`]); HTTPS ([`tls`]). [`Server`] is what
+//! they share.
 //!
 //! Imports `generations`, `operations`, `config` and `ffi`; nothing above.
 
@@ -11,8 +12,10 @@ pub mod body;
 pub mod connection;
 pub mod connections;
 pub mod host;
+pub mod inherit;
 pub mod listener;
 pub mod server;
 pub mod service;
+pub mod tls;
 
 pub use server::Server;

@@ -10,6 +10,7 @@ use hyper_util::server::conn::auto;
 
 use super::connection::Rules;
 use super::connections::Connections;
+use super::tls::Tls;
 use crate::config::Config;
 use crate::generations::{Current, Generation};
 use crate::operations::{Reporter, Snapshot};
@@ -22,16 +23,19 @@ pub struct Server {
     /// Events, metrics, systemd, the last reload's outcome.
     pub reporter: Reporter,
     pub http: auto::Builder<TokioExecutor>,
+    /// HTTPS on the app's TCP listeners (`--tls-cert`), swapped on reloads.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Server {
-    pub fn new(config: Config, first: Generation) -> Server {
+    pub fn new(config: Config, first: Generation, tls: Option<Arc<Tls>>) -> Server {
         let rules = Rules::new(config.header_timeout, config.keep_alive_timeout, config.send_timeout);
         Server {
             current: Current::new(first),
             connections: Arc::new(Connections::new(rules, config.max_connections)),
             reporter: Reporter::new(config.metrics_path.is_some()),
             http: http_builder(&config),
+            tls,
             config,
         }
     }

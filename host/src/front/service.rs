@@ -1,6 +1,8 @@
 //! The request path: from a hyper request to the response the client gets.
 //!
-//! 1. The health and metrics paths are answered by the host.
+//! 1. The health and metrics paths are answered by the host (with
+//!    `--admin-listen`: metrics and the full health answer only there, and
+//!    the admin listener answers nothing else).
 //! 2. During shutdown, new requests get `503` with `Connection: close`.
 //! 3. A declared body over `max_body_size` gets `413` without the app.
 //! 4. Otherwise the request leases the current generation and goes to the
@@ -37,7 +39,7 @@ pub async fn handle(
     if request.version() == http::Version::HTTP_2 {
         connection.speaks_http2();
     }
-    let mut record = RequestRecord::start(&server, request.method(), request.uri().path());
+    let mut record = RequestRecord::start(&server, &connection.peer, request.method(), request.uri().path());
     let (mut response, generation) = answer(request, &server, &connection).await;
     if let Some(record) = &mut record {
         record.answered(response.status().as_u16(), generation);
@@ -58,10 +60,15 @@ async fn answer(
 ) -> (Response<ResponseBody>, Option<u64>) {
     let config = &server.config;
     let path = request.uri().path();
-    if config.health_path.as_deref() == Some(path) {
-        return (host::health(request.method(), server), None);
+    if connection.admin {
+        return (host::admin(request.method(), path, server), None);
     }
-    if config.metrics_path.as_deref() == Some(path) {
+    if config.health_path.as_deref() == Some(path) {
+        // With an admin listener, the app's port says only whether it serves.
+        let brief = config.admin_listen.is_some();
+        return (host::health(request.method(), server, brief), None);
+    }
+    if config.metrics_path.as_deref() == Some(path) && config.admin_listen.is_none() {
         return (host::metrics(request.method(), server), None);
     }
     if server.is_shutting_down() {
@@ -78,7 +85,7 @@ async fn answer(
     // What the stall watchdog names if the handler blocks (cheap: standard
     // methods are constants, a URI shares its bytes).
     let head = (request.method().clone(), request.uri().clone());
-    let call = AppCall::start(generation, request, connection.peer, config.max_body_size);
+    let call = AppCall::start(generation, request, connection.peer.ip(), config.max_body_size);
     let outcome = run(call, &in_flight, config.request_timeout, head).await;
     (respond(outcome, in_flight, config.max_body_size), Some(number))
 }

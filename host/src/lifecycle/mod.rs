@@ -4,7 +4,8 @@
 //! that triggers reloads in development ([`watch`]); thread mode's
 //! [`preflight`] of a new library in a child process; describing how a
 //! child process ended ([`exit`]); the watchdog that reports app calls
-//! that block a server thread ([`stall_watch`]).
+//! that block a server thread ([`stall_watch`]); the binary upgrade
+//! ([`upgrade`]).
 //!
 //! The top layer: imports `front`, `generations`, `operations`, `config`.
 
@@ -16,4 +17,5 @@ pub mod serve;
 pub mod shutdown;
 pub mod signals;
 pub mod stall_watch;
+pub mod upgrade;
 pub mod watch;

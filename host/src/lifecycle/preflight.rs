@@ -53,7 +53,7 @@ pub fn check(config: &Config, target: Target<'_>) -> Result<Duration, LoadError>
         Target::Snapshot(snapshot) => &[(snapshot.raw_fd(), SNAPSHOT_FD)],
         Target::File(_) => &[],
     };
-    let child = spawn_with_fds(&mut command, fds).map_err(|e| failed(format!("cannot start it: {e}")))?;
+    let child = spawn_with_fds(&mut command, fds, true).map_err(|e| failed(format!("cannot start it: {e}")))?;
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()

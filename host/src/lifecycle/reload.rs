@@ -1,5 +1,6 @@
-//! Rolling reloads: load the library again as generation N+1, publish it,
-//! and hand the old generation to [`drain`](super::drain).
+//! Rolling reloads: read the TLS certificate and key again (if any), load
+//! the library again as generation N+1, publish both, and hand the old
+//! generation to [`drain`](super::drain).
 //!
 //! Reloads are serialized by one task. A reload request is a permit on a
 //! [`Notify`]: requests that arrive while a reload runs collapse into one
@@ -25,7 +26,7 @@ pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>) {
         let mut next = server.current.number() + 1;
         loop {
             requests.notified().await;
-            if server.is_shutting_down() {
+            if server.is_shutting_down() || server.connections.is_retiring() {
                 return;
             }
             if reload(&server, &loader, next).await {
@@ -62,6 +63,17 @@ async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool
     let started = Instant::now();
     let serving = server.current.number();
     server.reporter.emit(Event::ReloadStarted { generation: number, serving, source: loader.source() });
+    // The certificate and key are read again with the app, and installed
+    // with it: a broken pair fails the reload as a broken library does.
+    let tls = match server.tls.as_ref().map(|tls| tls.prepare()).transpose() {
+        Ok(tls) => tls,
+        Err(e) => {
+            let reason = e.to_string();
+            let total = started.elapsed();
+            server.reporter.emit(Event::ReloadFailed { generation: number, serving, reason: &reason, total });
+            return false;
+        }
+    };
     let (loading, config) = (loader.clone(), server.config.clone());
     let limit = server.config.reload_timeout;
     let load = move || prepare(&config, &loading, number);
@@ -91,6 +103,9 @@ async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool
     }
     let init = loaded.generation.info().init_duration;
     let publish_started = Instant::now();
+    if let (Some(serving), Some(config)) = (&server.tls, tls) {
+        serving.install(config);
+    }
     let old = server.current.publish(Arc::new(loaded.generation));
     server.reporter.emit(Event::GenerationLoaded {
         generation: number,

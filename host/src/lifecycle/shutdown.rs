@@ -38,7 +38,7 @@ pub async fn run(server: &Arc<Server>, signals: &mut Signals, (name, _): (&'stat
             () = server.connections.all_closed() => break true,
             () = &mut deadline => break false,
             request = signals.next() => match request {
-                Request::Reload(name) => tracing::warn!("{name} ignored: the server is shutting down"),
+                Request::Reload(name) | Request::Upgrade(name) => tracing::warn!("{name} ignored: the server is shutting down"),
                 Request::Shutdown { name, number } => {
                     tracing::warn!("second {name} received: exiting now");
                     std::process::exit(128 + number);

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | SIGHUP, SIGUSR1 | rolling reload of the app library |
 //! | SIGTERM, SIGINT | graceful shutdown; a second one exits at once |
+//! | SIGUSR2 | binary upgrade: start the binary again with the listening sockets, hand over |
 //!
 //! Handlers are installed before the first generation loads, so a reload
 //! signal that arrives during start-up does not kill the process (SIGHUP's
@@ -19,13 +20,14 @@
 use std::io;
 use std::time::Duration;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals as Received;
 use tokio::sync::mpsc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
     Reload(&'static str),
+    Upgrade(&'static str),
     Shutdown { name: &'static str, number: i32 },
 }
 
@@ -40,7 +42,7 @@ impl Signals {
     /// thread (so nothing async can run): a second shutdown signal exits at
     /// once, and so does `give_up_after` past the first.
     pub fn install(give_up_after: Duration) -> io::Result<Signals> {
-        let mut signals = Received::new([SIGHUP, SIGUSR1, SIGTERM, SIGINT])?;
+        let mut signals = Received::new([SIGHUP, SIGUSR1, SIGUSR2, SIGTERM, SIGINT])?;
         let (tx, received) = mpsc::unbounded_channel();
         std::thread::Builder::new().name("pounce-signals".to_owned()).spawn(move || {
             let mut stopping = false;
@@ -69,6 +71,7 @@ impl Signals {
             match self.received.recv().await {
                 Some(SIGHUP) => return Request::Reload("SIGHUP"),
                 Some(SIGUSR1) => return Request::Reload("SIGUSR1"),
+                Some(SIGUSR2) => return Request::Upgrade("SIGUSR2"),
                 Some(SIGTERM) => return Request::Shutdown { name: "SIGTERM", number: SIGTERM },
                 Some(SIGINT) => return Request::Shutdown { name: "SIGINT", number: SIGINT },
                 Some(_) => {}

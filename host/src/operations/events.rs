@@ -3,16 +3,22 @@
 //! naming it for JSON consumers), tells systemd, and counts it in the
 //! metrics.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use crate::config::format_duration;
 
 pub enum Event<'a> {
-    /// Listening, generation 1 serving.
+    /// Listening, the first generation serving.
     Ready {
-        address: SocketAddr,
+        /// The first app TCP address (tools read the bound port here), or
+        /// the first listener when there is no TCP one.
+        address: &'a str,
+        /// Every listener, as `http://127.0.0.1:8000 unix:/run/p.sock ...`.
+        listeners: &'a str,
+        generation: u64,
+        /// A binary upgrade: the pid of the process this one replaces.
+        upgraded_from: Option<u32>,
         app: &'a str,
         app_version: &'a str,
         load: Duration,
@@ -73,6 +79,19 @@ pub enum Event<'a> {
         running: Duration,
         thread: &'a str,
     },
+    /// SIGUSR2: the binary at `executable` is started with the listeners.
+    UpgradeStarted {
+        executable: &'a Path,
+    },
+    /// The new process (`pid`) serves; this one drains and exits.
+    UpgradeComplete {
+        pid: u32,
+        took: Duration,
+    },
+    /// The new binary did not start serving; this process keeps serving.
+    UpgradeFailed {
+        reason: &'a str,
+    },
     /// Process mode: a worker process started (it is not serving yet).
     WorkerStarted {
         pid: u32,
@@ -123,16 +142,37 @@ pub(super) fn ms(duration: Duration) -> f64 {
 impl Event<'_> {
     pub(super) fn log(&self) {
         match *self {
-            Event::Ready { address, app, app_version, load, init } => tracing::info!(
-                event = "server_ready",
-                // Machine-readable: tools find the bound port here (`--port 0`).
-                address = %address,
-                generation = 1,
-                app,
-                app_version,
-                load_ms = ms(load),
-                init_ms = ms(init),
-                "listening on http://{address}"
+            Event::Ready { address, listeners, generation, upgraded_from, app, app_version, load, init } => {
+                let from = upgraded_from.map_or(String::new(), |pid| format!(" (took over from pid {pid})"));
+                tracing::info!(
+                    event = "server_ready",
+                    // Machine-readable: tools find the bound port here (`--port 0`).
+                    address = %address,
+                    listeners,
+                    generation,
+                    pid = std::process::id(),
+                    app,
+                    app_version,
+                    load_ms = ms(load),
+                    init_ms = ms(init),
+                    "listening on {listeners}{from}"
+                )
+            }
+            Event::UpgradeStarted { executable } => tracing::info!(
+                event = "upgrade_started",
+                executable = %executable.display(),
+                "binary upgrade: starting {} with the listening sockets",
+                executable.display()
+            ),
+            Event::UpgradeComplete { pid, took } => tracing::info!(
+                event = "upgrade_complete",
+                new_pid = pid,
+                upgrade_ms = ms(took),
+                "binary upgrade: pid {pid} serves; this process stops accepting, finishes its connections and exits"
+            ),
+            Event::UpgradeFailed { reason } => tracing::error!(
+                event = "upgrade_failed",
+                "binary upgrade failed: {reason}; this process keeps serving"
             ),
             Event::ReloadStarted { generation, serving, source } => tracing::info!(
                 event = "reload_started",

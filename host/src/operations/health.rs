@@ -47,11 +47,27 @@ impl Snapshot {
         }
     }
 
+    /// The service's generation (process mode: the supervisor's).
+    fn service_generation(&self) -> serde_json::Value {
+        match &self.service {
+            Some(service) => service["generation"].clone(),
+            None => json!(self.generation),
+        }
+    }
+
+    /// What the app's port answers when an admin listener has the rest:
+    /// status and generation only (no paths, no error texts).
+    pub fn to_brief_json(&self) -> String {
+        let body = json!({ "status": self.status(), "generation": self.service_generation() });
+        format!("{body}\n")
+    }
+
     /// The health endpoint's body: one JSON object and a newline.
     pub fn to_json(&self) -> String {
         let mut body = json!({
             "status": self.status(),
             "generation": self.generation,
+            "pid": std::process::id(),
             "uptime_seconds": self.uptime.as_secs_f64(),
             "in_flight": self.in_flight,
             "connections": self.connections,

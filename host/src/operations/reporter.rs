@@ -3,6 +3,7 @@
 //! request series fold into `generation="retired"`) and keeps the last
 //! reload's outcome for the health endpoint.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,9 @@ pub struct Reporter {
     /// Process mode: the whole service's state as the supervisor last sent
     /// it, so any worker's health answer describes the service.
     service: Mutex<Option<serde_json::Value>>,
+    /// A binary upgrade handed the service over: systemd hears from the
+    /// new process only.
+    handed_over: AtomicBool,
 }
 
 impl Reporter {
@@ -31,6 +35,7 @@ impl Reporter {
             systemd: SdNotify::from_env(),
             metrics: metrics.then(Metrics::new),
             service: Mutex::new(None),
+            handed_over: AtomicBool::new(false),
         }
     }
 
@@ -96,8 +101,19 @@ impl Reporter {
 
     fn tell_systemd(&self, event: &Event<'_>) {
         let Some(systemd) = &self.systemd else { return };
+        if self.handed_over.load(Ordering::Relaxed) {
+            return;
+        }
         match *event {
-            Event::Ready { address, .. } => systemd.ready(&format!("serving generation 1 on {address}")),
+            // After an upgrade the old process tells systemd (MAINPID=).
+            Event::Ready { upgraded_from: Some(_), .. } => {}
+            Event::Ready { listeners, generation, .. } => {
+                systemd.ready(&format!("serving generation {generation} on {listeners}"))
+            }
+            Event::UpgradeComplete { pid, .. } => {
+                systemd.main_pid(pid, &format!("binary upgraded: pid {pid} serves"));
+                self.handed_over.store(true, Ordering::Relaxed);
+            }
             Event::ReloadStarted { generation, .. } => {
                 systemd.reloading(&format!("reloading into generation {generation}"))
             }

@@ -53,6 +53,12 @@ impl SdNotify {
         self.send(&format!("RELOADING=1\nMONOTONIC_USEC={}\nSTATUS={status}", monotonic_usec()));
     }
 
+    /// Hands the service to process `pid` (a binary upgrade): systemd
+    /// watches it from now on, and it may notify.
+    pub fn main_pid(&self, pid: u32, status: &str) {
+        self.send(&format!("MAINPID={pid}\nREADY=1\nSTATUS={status}"));
+    }
+
     pub fn stopping(&self, status: &str) {
         self.send(&format!("STOPPING=1\nSTATUS={status}"));
     }

@@ -3,9 +3,10 @@
 //! Its end of file tells either side that the other one is gone, whatever
 //! killed it.
 //!
-//! The worker finds its end at descriptor [`CONTROL_FD`], the listening
-//! socket at [`LISTENER_FD`] and the generation's library bytes at
-//! [`LIBRARY_FD`], and the service's totals at [`TOTALS_FD`].
+//! The worker finds its end at descriptor [`CONTROL_FD`], the generation's
+//! library bytes at [`LIBRARY_FD`], the service's totals at [`TOTALS_FD`],
+//! and the listening sockets from [`FIRST_LISTENER_FD`] on (their roles in
+//! its `--listeners` argument).
 
 use std::io;
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -15,14 +16,14 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
-/// Where a worker finds the listening socket.
-pub const LISTENER_FD: i32 = 3;
 /// Where a worker finds its end of the control channel.
-pub const CONTROL_FD: i32 = 4;
+pub const CONTROL_FD: i32 = 3;
 /// Where a worker finds its generation's library (an in-memory file).
-pub const LIBRARY_FD: i32 = 5;
+pub const LIBRARY_FD: i32 = 4;
 /// Where a worker finds the service's totals (shared counters).
-pub const TOTALS_FD: i32 = 6;
+pub const TOTALS_FD: i32 = 5;
+/// Where a worker finds the first listening socket; the others follow.
+pub const FIRST_LISTENER_FD: i32 = 6;
 
 /// What a worker tells the supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -17,6 +17,10 @@
 //!   generation's library (its bytes were kept).
 //! - **Hang**: a worker that has not beaten for `--worker-timeout` is killed
 //!   and replaced.
+//! - **Binary upgrade** (SIGUSR2, `lifecycle::upgrade`): the binary is
+//!   started again with the listening sockets; it is a new supervisor that
+//!   starts its own workers of the next generation. Once they serve, this
+//!   supervisor retires all of its workers (as after a reload) and exits.
 //! - **Shutdown**: SIGTERM/SIGINT go to every worker (each drains within
 //!   `shutdown_timeout`); what is left after that is killed. A second signal
 //!   kills everything at once. If the supervisor is killed, the kernel kills
@@ -24,7 +28,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
@@ -34,17 +37,19 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::{mpsc, Notify};
 
-use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENER_FD, TOTALS_FD};
+use super::control::{self, FromWorker, ToWorker, CONTROL_FD, FIRST_LISTENER_FD, LIBRARY_FD, TOTALS_FD};
 use super::totals::{self, Totals};
 use crate::config::Config;
 use crate::ffi::process::{kill, spawn_with_fds, SharedCounters};
-use crate::front::listener;
+use crate::front::inherit;
+use crate::front::listener::Listener;
+use crate::front::tls;
 use crate::generations::snapshot::Snapshot;
 use crate::lifecycle::exit::describe;
-use crate::lifecycle::serve::{watch_spec, StartError};
+use crate::lifecycle::serve::{describe_listeners, watch_spec, StartError};
 use crate::lifecycle::shutdown::hard_deadline;
 use crate::lifecycle::signals::{Request, Signals};
-use crate::lifecycle::watch;
+use crate::lifecycle::{upgrade, watch};
 use crate::operations::{sd_notify, Event, Reporter};
 
 /// Crashes within `--rollback-window` of a reload that roll it back.
@@ -111,8 +116,15 @@ pub struct Supervisor {
     config: Config,
     /// The `serve` arguments, passed on to every worker.
     serve_args: Vec<OsString>,
-    listener: std::net::TcpListener,
-    address: SocketAddr,
+    /// Every listening socket, passed to every worker (and to the new
+    /// binary of an upgrade).
+    listeners: Arc<Vec<Listener>>,
+    /// This supervisor took over from pid N (a binary upgrade): said in
+    /// its `server_ready`.
+    upgraded_from: Option<u32>,
+    /// The address tools read, and every listener, for `server_ready`.
+    address: String,
+    described: String,
     reporter: Reporter,
     inputs: mpsc::UnboundedSender<Input>,
     workers: HashMap<u32, Worker>,
@@ -136,27 +148,33 @@ pub struct Supervisor {
 /// Runs the service in process mode until a shutdown completes.
 pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartError> {
     let mut signals = Signals::install(hard_deadline(&config))?;
+    upgrade::remember_executable();
     let reloads = Arc::new(Notify::new());
     let _watch = match config.reload {
         true => Some(watch::start(watch_spec(&config), reloads.clone())?),
         false => None,
     };
-    let listener = listener::bind(&config)?.into_std()?;
-    let address = listener.local_addr()?;
+    if let Some(files) = &config.tls {
+        tls::check(files)?;
+    }
+    let (listeners, mut upgraded) = inherit::listeners(&config, inherit::take()?)?;
+    let (address, described) = describe_listeners(&listeners, config.tls.is_some());
     let (inputs, mut received) = mpsc::unbounded_channel();
     let page = Arc::new(SharedCounters::create("pounce-service-totals", totals::LEN)?);
     let mut supervisor = Supervisor {
         reporter: Reporter::new(false),
         config,
         serve_args,
-        listener,
+        listeners: Arc::new(listeners),
+        upgraded_from: upgraded.as_ref().map(|u| u.from),
         address,
+        described,
         inputs,
         workers: HashMap::new(),
         current: None,
         reload: None,
         reload_queued: false,
-        next_generation: 1,
+        next_generation: upgraded.as_ref().map_or(1, |u| u.generation),
         restarts: VecDeque::new(),
         total_restarts: 0,
         rollbacks: 0,
@@ -168,8 +186,13 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
     if !supervisor.start_first(&mut received, &mut signals).await? {
         return Ok(());
     }
+    if let Some(upgrade) = &mut upgraded {
+        upgrade::say_ready(upgrade);
+    }
+    drop(upgraded);
     sd_notify::spawn_watchdog();
     let mut ticks = tokio::time::interval(TICK);
+    let mut upgrading: Option<(tokio::task::JoinHandle<Result<u32, String>>, Instant)> = None;
     let stop = loop {
         tokio::select! {
             request = signals.next() => match request {
@@ -177,13 +200,39 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
                     tracing::info!("{name} received: reload requested");
                     supervisor.request_reload();
                 }
+                Request::Upgrade(name) if upgrading.is_some() => {
+                    tracing::warn!("{name} ignored: a binary upgrade is in progress");
+                }
+                Request::Upgrade(name) => {
+                    tracing::info!("{name} received: binary upgrade requested");
+                    if let Some(executable) = upgrade::executable() {
+                        supervisor.reporter.emit(Event::UpgradeStarted { executable: &executable });
+                    }
+                    let next = supervisor.next_generation;
+                    let task = upgrade::start(supervisor.listeners.clone(), next, supervisor.config.reload_timeout);
+                    upgrading = Some((tokio::spawn(task), Instant::now()));
+                }
                 Request::Shutdown { name, number } => break (name, number),
             },
+            done = async { (&mut upgrading.as_mut().expect("guarded").0).await }, if upgrading.is_some() => {
+                let took = upgrading.take().map_or_else(Default::default, |(_, at)| at.elapsed());
+                match done {
+                    Ok(Ok(pid)) => match supervisor.hand_over(pid, took, &mut signals, &mut received).await {
+                        Some(stop) => break stop,
+                        None => return Ok(()),
+                    },
+                    Ok(Err(reason)) => supervisor.reporter.emit(Event::UpgradeFailed { reason: &reason }),
+                    Err(e) => supervisor.reporter.emit(Event::UpgradeFailed { reason: &e.to_string() }),
+                }
+            }
             () = reloads.notified() => supervisor.request_reload(),
             Some(input) = received.recv() => supervisor.on_input(input),
             _ = ticks.tick() => supervisor.on_tick(),
         }
     };
+    if let Some((task, _)) = upgrading.take() {
+        task.abort();
+    }
     supervisor.shut_down(stop, &mut signals, &mut received).await;
     Ok(())
 }
@@ -197,9 +246,10 @@ impl Supervisor {
         received: &mut mpsc::UnboundedReceiver<Input>,
         signals: &mut Signals,
     ) -> Result<bool, StartError> {
-        let snapshot = Arc::new(Snapshot::take(&self.config.library, 1, self.config.allow_insecure_library)?);
-        self.next_generation = 2;
-        self.begin_reload(1, snapshot, false).map_err(|e| StartError::Workers(e.to_string()))?;
+        let first = self.next_generation;
+        let snapshot = Arc::new(Snapshot::take(&self.config.library, first, self.config.allow_insecure_library)?);
+        self.next_generation = first + 1;
+        self.begin_reload(first, snapshot, false).map_err(|e| StartError::Workers(e.to_string()))?;
         let deadline = tokio::time::sleep(self.config.reload_timeout);
         tokio::pin!(deadline);
         while self.current.is_none() {
@@ -224,6 +274,7 @@ impl Supervisor {
                         return Ok(false);
                     }
                     Request::Reload(name) => tracing::info!("{name} received while starting: the workers load the current file anyway"),
+                    Request::Upgrade(name) => tracing::warn!("{name} ignored: the server is still starting"),
                 },
             }
         }
@@ -256,8 +307,12 @@ impl Supervisor {
         let serving = self.current_number();
         self.reporter.emit(Event::ReloadStarted { generation, serving, source: &self.config.library });
         let started = Instant::now();
-        let begun = Snapshot::take(&self.config.library, generation, self.config.allow_insecure_library)
-            .map_err(|e| e.to_string())
+        let tls = self.config.tls.as_ref().map(tls::check).transpose().map_err(|e| e.to_string());
+        let begun = tls
+            .and_then(|_| {
+                Snapshot::take(&self.config.library, generation, self.config.allow_insecure_library)
+                    .map_err(|e| e.to_string())
+            })
             .and_then(|snapshot| self.begin_reload(generation, Arc::new(snapshot), false).map_err(|e| e.to_string()));
         if let Err(reason) = begun {
             self.fail_reload_with(generation, &reason, started);
@@ -287,6 +342,7 @@ impl Supervisor {
     /// Starts one worker of `generation`.
     fn spawn(&mut self, generation: u64, snapshot: &Snapshot) -> std::io::Result<u32> {
         let (mine, theirs) = control::pair()?;
+        let roles: Vec<&str> = self.listeners.iter().map(|l| l.role.name()).collect();
         // The very binary the supervisor runs, whatever a deploy did to the
         // file since; named as the operator started it, for `ps`.
         let mut command = Command::new("/proc/self/exe");
@@ -296,19 +352,19 @@ impl Supervisor {
         command
             .arg("worker")
             .args(["--generation", &generation.to_string(), "--supervisor", &std::process::id().to_string()])
+            .arg(format!("--listeners={}", roles.join(",")))
             .args(&self.serve_args)
             .stdin(Stdio::null());
         // systemd talks to the supervisor only; inherited sockets are its.
         for name in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
             command.env_remove(name);
         }
-        let fds = [
-            (self.listener.as_raw_fd(), LISTENER_FD),
-            (theirs.as_raw_fd(), CONTROL_FD),
-            (snapshot.raw_fd(), LIBRARY_FD),
-            (self.totals.raw_fd(), TOTALS_FD),
-        ];
-        let mut child = spawn_with_fds(&mut command, &fds)?;
+        let mut fds =
+            vec![(theirs.as_raw_fd(), CONTROL_FD), (snapshot.raw_fd(), LIBRARY_FD), (self.totals.raw_fd(), TOTALS_FD)];
+        for (at, listener) in self.listeners.iter().enumerate() {
+            fds.push((listener.fd().as_raw_fd(), FIRST_LISTENER_FD + at as i32));
+        }
+        let mut child = spawn_with_fds(&mut command, &fds, true)?;
         drop(theirs);
         let pid = child.id();
         let exits = self.inputs.clone();
@@ -441,7 +497,10 @@ impl Supervisor {
         let Some(old) = previous else {
             let (load, init) = (reload.started.elapsed(), init);
             self.reporter.emit(Event::Ready {
-                address: self.address,
+                address: &self.address,
+                listeners: &self.described,
+                generation: reload.generation,
+                upgraded_from: self.upgraded_from,
                 app: &app,
                 app_version: &app_version,
                 load,
@@ -686,6 +745,49 @@ impl Supervisor {
 
     fn current_number(&self) -> u64 {
         self.current.as_ref().map_or(0, |live| live.number)
+    }
+
+    /// A binary upgrade's new supervisor (`pid`) serves: tell systemd, stop
+    /// any reload, retire every worker (they stop accepting and finish
+    /// their connections, as after a reload), and return once they are gone
+    /// (`None`: exit) or a shutdown signal arrives (what to shut down with).
+    async fn hand_over(
+        &mut self,
+        pid: u32,
+        took: Duration,
+        signals: &mut Signals,
+        received: &mut mpsc::UnboundedReceiver<Input>,
+    ) -> Option<(&'static str, i32)> {
+        self.reporter.emit(Event::UpgradeComplete { pid, took });
+        self.stop_reload();
+        self.reload_queued = false;
+        self.respawn_at = None;
+        let now = Instant::now();
+        for worker in self.workers.values_mut() {
+            if matches!(worker.state, State::Starting | State::Serving) {
+                worker.state = State::Retiring(now);
+                let _ = worker.orders.send(ToWorker::Retire);
+            }
+        }
+        let deadline = tokio::time::sleep(self.config.reload_timeout + KILL_GRACE);
+        tokio::pin!(deadline);
+        while !self.workers.is_empty() {
+            tokio::select! {
+                Some(input) = received.recv() => self.on_input(input),
+                request = signals.next() => match request {
+                    Request::Shutdown { name, number } => return Some((name, number)),
+                    Request::Reload(name) | Request::Upgrade(name) => {
+                        tracing::warn!("{name} ignored: pid {pid} serves now; signal it instead")
+                    }
+                },
+                () = &mut deadline => {
+                    tracing::warn!(workers = self.workers.len(), "workers still draining after reload_timeout; killing them");
+                    self.kill_all();
+                    break;
+                }
+            }
+        }
+        None
     }
 
     /// SIGTERM to every worker; wait for them within `shutdown_timeout`

@@ -16,17 +16,18 @@
 //! SIGHUP and SIGUSR1 are the supervisor's business: a worker ignores them
 //! (a terminal's hangup reaches the whole process group).
 
-use std::net::TcpListener as StdTcpListener;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::control::{self, FromWorker, ToWorker, CONTROL_FD, LIBRARY_FD, LISTENER_FD, TOTALS_FD};
+use super::control::{self, FromWorker, ToWorker, CONTROL_FD, FIRST_LISTENER_FD, LIBRARY_FD, TOTALS_FD};
 use super::totals::{self, ServiceMetrics};
 use crate::config::Config;
 use crate::ffi::process::{inherited_fd, parent_pid, SharedCounters};
-use crate::front::{connections, listener, Server};
+use crate::front::listener::{self, Listener, Role};
+use crate::front::tls::Tls;
+use crate::front::{connections, Server};
 use crate::generations::loader::{LoadError, Loaded, Loader, LoaderSettings};
 use crate::generations::unload_guard;
 use crate::lifecycle::serve::StartError;
@@ -38,6 +39,8 @@ use crate::lifecycle::stall_watch;
 pub struct Assignment {
     pub generation: u64,
     pub supervisor: u32,
+    /// The roles of the listening sockets, from [`FIRST_LISTENER_FD`] on.
+    pub listeners: Vec<String>,
 }
 
 type ToSupervisor = control::Sender<FromWorker>;
@@ -52,6 +55,13 @@ pub async fn run(config: Config, max_log_level: u32, assignment: Assignment) -> 
     }
     let mut signals = Signals::install(hard_deadline(&config))?;
     unload_guard::set_enabled(config.unload_guard);
+    let tls = match config.tls.as_ref().map(Tls::load).transpose() {
+        Ok(tls) => tls.map(Arc::new),
+        Err(e) => {
+            let _ = reports.send(&FromWorker::LoadFailed { reason: e.to_string() }).await;
+            return Err(e.into());
+        }
+    };
     let loaded = match load(&config, max_log_level, assignment.generation).await {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -59,14 +69,13 @@ pub async fn run(config: Config, max_log_level: u32, assignment: Assignment) -> 
             return Err(e.into());
         }
     };
-    let socket = inherited_fd(LISTENER_FD).ok_or_else(|| missing("listening socket", LISTENER_FD))?;
-    let socket = StdTcpListener::from(socket);
-    socket.set_nonblocking(true)?;
-    let socket = tokio::net::TcpListener::from_std(socket)?;
+    let listeners = inherited_listeners(&assignment.listeners)?;
     let info = loaded.generation.info().clone();
-    let server = Arc::new(Server::new(config, loaded.generation));
+    let server = Arc::new(Server::new(config, loaded.generation, tls));
     show_service_totals(&server)?;
-    tokio::spawn(listener::accept_loop(server.clone(), socket));
+    for listener in listeners {
+        tokio::spawn(listener::accept_loop(server.clone(), listener));
+    }
     tokio::spawn(connections::sweep(server.connections.clone()));
     stall_watch::spawn(&server);
     let ready = FromWorker::Ready {
@@ -90,6 +99,19 @@ fn show_service_totals(server: &Server) -> Result<(), StartError> {
         metrics.describe_service(Box::new(ServiceMetrics::new(Arc::new(page))));
     }
     Ok(())
+}
+
+/// The listening sockets the supervisor passed, from [`FIRST_LISTENER_FD`] on.
+fn inherited_listeners(roles: &[String]) -> Result<Vec<Listener>, StartError> {
+    roles
+        .iter()
+        .enumerate()
+        .map(|(at, role)| {
+            let fd = FIRST_LISTENER_FD + at as i32;
+            let owned = inherited_fd(fd).ok_or_else(|| missing("listening socket", fd))?;
+            Ok(Listener::from_fd(owned, Role::from_name(role))?)
+        })
+        .collect()
 }
 
 fn missing(what: &str, fd: i32) -> StartError {
@@ -142,7 +164,7 @@ async fn serve_until_told(server: &Arc<Server>, signals: &mut Signals, orders: &
     loop {
         tokio::select! {
             request = signals.next() => match request {
-                Request::Reload(name) => tracing::debug!("{name} ignored: the supervisor reloads"),
+                Request::Reload(name) | Request::Upgrade(name) => tracing::debug!("{name} ignored: the supervisor acts on it"),
                 Request::Shutdown { name, number } => {
                     return shutdown::run(server, signals, (name, number)).await;
                 }

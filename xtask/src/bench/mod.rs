@@ -20,6 +20,7 @@ mod procs;
 mod reload;
 mod report;
 mod sockets;
+mod tls;
 mod wrk;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use anyhow::{bail, Context as _, Result};
 use memory::Footprint;
 use procs::{Binaries, CpuWatch, Kind, Pinning, Server};
 use report::{Comparison, Latency, Machine, Report, Throughput};
+pub use tls::main as tls_main;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--duration SECS] [--runs N] [--rate REQ_PER_SEC]
