@@ -22,13 +22,21 @@
 //! The sweep runs every [`SWEEP`], and activity is stamped with a clock of
 //! that resolution (rounded up), so a deadline is enforced never early and
 //! at most two sweeps late.
+//!
+//! An upgraded connection (a `101` answer: a WebSocket, say) has no
+//! deadline: once hyper hands the socket over, the same task runs the
+//! session the request path left in [`Connection::upgrade`] (joining the
+//! client to the app's end), until either side ends it, its generation is
+//! retired (`reload_timeout`) or the connection is closed (the end of a
+//! shutdown). Asking it to finish does nothing: the app ends it the
+//! protocol's way when its generation drains.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -156,7 +164,14 @@ pub struct Connection {
     /// Accepted during a shutdown: answered `503`, not asked to finish.
     accepted_in_shutdown: bool,
     control: Control,
+    /// A `101` was answered: the connection has no deadlines any more.
+    upgraded: AtomicBool,
+    /// What runs once hyper hands the upgraded socket over.
+    session: Mutex<Option<Session>>,
 }
+
+/// An upgraded connection's life after the `101`.
+pub type Session = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Connection {
     /// Notes that an app request of `generation` runs on this connection.
@@ -164,9 +179,22 @@ impl Connection {
         self.generation.store(generation, Ordering::Relaxed);
     }
 
-    /// Whether a request of `generation` (or older) may still be running here.
+    /// Whether a request or an upgraded connection of `generation` (or
+    /// older) may still be running here.
     pub fn may_hold(&self, generation: u64) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0 && self.generation.load(Ordering::Relaxed) <= generation
+        (self.in_flight.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Acquire))
+            && self.generation.load(Ordering::Relaxed) <= generation
+    }
+
+    /// The response being sent is a `101`: after it, `session` runs on this
+    /// connection instead of HTTP.
+    pub fn upgrade(&self, session: Session) {
+        self.upgraded.store(true, Ordering::Release);
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+    }
+
+    fn take_session(&self) -> Option<Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Whether a request is being served on this connection.
@@ -198,7 +226,7 @@ impl Connection {
     /// When to close the connection unless something happens; `None` while
     /// a request is in flight.
     fn deadline(&self) -> Option<Instant> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        if self.in_flight.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Acquire) {
             return None;
         }
         let rules = &self.rules;
@@ -305,6 +333,8 @@ impl Connection {
             head_since_ms: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             control: Control { state: AtomicU8::new(SERVE), waker: AtomicWaker::new() },
+            upgraded: AtomicBool::new(false),
+            session: Mutex::new(None),
         }
     }
 }
@@ -327,7 +357,7 @@ pub async fn serve<S, B>(
     let _ = stream.set_nodelay(true);
     let peer = connection.peer;
     let io = TokioIo::new(Watched { stream, connection: connection.clone() });
-    let conn = http.serve_connection(io, service);
+    let conn = http.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut seen = SERVE;
     loop {
@@ -341,7 +371,7 @@ pub async fn serve<S, B>(
                 if let Err(e) = ended {
                     tracing::debug!(%peer, "connection ended: {e}");
                 }
-                return;
+                break;
             }
             Ok(FINISH) => {
                 seen = FINISH;
@@ -349,8 +379,29 @@ pub async fn serve<S, B>(
             }
             Ok(_) => {
                 tracing::debug!(%peer, "closing the connection");
+                break;
+            }
+        }
+    }
+    let Some(mut session) = connection.take_session() else { return };
+    if connection.control.state.load(Ordering::Acquire) == CLOSE {
+        return;
+    }
+    // Upgraded: the session runs until it ends or the connection is closed;
+    // a request to finish is the app's to honour (its drain signal).
+    loop {
+        let step = std::future::poll_fn(|cx| match session.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => connection.control.poll_change(cx, seen).map(Some),
+        })
+        .await;
+        match step {
+            None => return,
+            Some(CLOSE) => {
+                tracing::debug!(%peer, "closing the upgraded connection");
                 return;
             }
+            Some(state) => seen = state,
         }
     }
 }

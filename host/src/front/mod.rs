@@ -1,8 +1,8 @@
 //! The HTTP front: the listening socket and accept loop ([`listener`]),
 //! one connection and its deadlines ([`connection`]), the registry of open
 //! connections ([`connections`]), the request path ([`service`]) with the
-//! host's own answers ([`host`]), the response body ([`body`]) and the
-//! per-request record ([`access`]). [`Server`] is what they share.
+//! host's own answers ([`host`]), the response body ([`body`]), the
+//! per-request record ([`access`]) and upgraded connections ([`upgrade`]). [`Server`] is what they share.
 //!
 //! Imports `generations`, `operations`, `config` and `ffi`; nothing above.
 
@@ -14,5 +14,6 @@ pub mod host;
 pub mod listener;
 pub mod server;
 pub mod service;
+pub mod upgrade;
 
 pub use server::Server;

@@ -46,6 +46,7 @@ impl Server {
             uptime: self.reporter.uptime(),
             in_flight: self.current.in_flight(),
             connections: self.connections.count(),
+            upgraded: self.current.upgraded(),
             draining: self.current.draining().len(),
             last_reload: self.reporter.last_reload(),
             service: self.reporter.service(),

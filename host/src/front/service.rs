@@ -7,6 +7,9 @@
 //!    app. An answer that is ready at the first poll goes straight out (no
 //!    timer, no extra task); one that is not races `request_timeout` and the
 //!    generation's retirement.
+//! 5. A `101` that takes the connection over leaves its session (see
+//!    `upgrade`) on the connection, which runs it once hyper has sent the
+//!    `101` and handed the socket over.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -23,9 +26,10 @@ use super::connection::{Activity, Connection};
 use super::host;
 use super::host::{host_answer, too_large};
 use super::server::Server;
+use super::upgrade;
 use crate::config::format_duration;
 use crate::ffi::{AppBody, AppCall, AppResponse, CallError};
-use crate::generations::InFlight;
+use crate::generations::{InFlight, UpgradedLease};
 
 pub async fn handle(
     request: Request<Incoming>,
@@ -73,7 +77,7 @@ async fn answer(
     let in_flight = InFlight::start(generation.clone());
     let call = AppCall::start(generation, request, connection.peer, config.max_body_size);
     let outcome = run(call, &in_flight, config.request_timeout).await;
-    (respond(outcome, in_flight, config.max_body_size), Some(number))
+    (respond(outcome, in_flight, config.max_body_size, connection), Some(number))
 }
 
 /// How an app call ended.
@@ -102,11 +106,16 @@ async fn run(mut call: AppCall, in_flight: &InFlight, timeout: std::time::Durati
     }
 }
 
-fn respond(outcome: Outcome, in_flight: InFlight, max_body_size: u64) -> Response<ResponseBody> {
+fn respond(
+    outcome: Outcome,
+    in_flight: InFlight,
+    max_body_size: u64,
+    connection: &Connection,
+) -> Response<ResponseBody> {
     let generation = in_flight.generation.number();
     match outcome {
         Outcome::Answered(answer) if answer.body_over_limit => too_large(max_body_size),
-        Outcome::Answered(answer) => app_response(answer, in_flight),
+        Outcome::Answered(answer) => app_response(answer, in_flight, connection),
         Outcome::Failed(CallError::Panicked) => {
             tracing::warn!(generation, "request handler panicked; answered 500");
             host_answer(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n", false)
@@ -128,8 +137,14 @@ fn respond(outcome: Outcome, in_flight: InFlight, max_body_size: u64) -> Respons
     }
 }
 
-fn app_response(answer: AppResponse, in_flight: InFlight) -> Response<ResponseBody> {
-    let AppResponse { status, headers, body, .. } = answer;
+fn app_response(answer: AppResponse, in_flight: InFlight, connection: &Connection) -> Response<ResponseBody> {
+    let AppResponse { status, headers, body, upgrade, .. } = answer;
+    if let Some(upgrade) = upgrade {
+        // Counted in the generation from now on, so a drain cannot miss it
+        // between the `101` and the session's start.
+        let lease = UpgradedLease::start(in_flight.generation.clone());
+        connection.upgrade(Box::pin(upgrade::session(upgrade, lease)));
+    }
     let body = match body {
         AppBody::Full(bytes) => ResponseBody::full(bytes, Some(in_flight)),
         AppBody::Stream(stream) => ResponseBody::stream(stream, in_flight),

@@ -14,7 +14,7 @@ pub mod snapshot;
 mod unload;
 
 pub use current::Current;
-pub use generation::{Generation, InFlight};
+pub use generation::{Generation, InFlight, UpgradedLease};
 pub use unload::{begin_exit, wait_for_unloads};
 
 /// The unload guard (see ARCHITECTURE.md): thread-local destructors and

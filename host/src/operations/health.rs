@@ -25,7 +25,10 @@ pub struct Snapshot {
     pub generation: u64,
     pub uptime: Duration,
     pub in_flight: usize,
+    /// Open connections, upgraded ones included.
     pub connections: usize,
+    /// Open upgraded connections (WebSockets...).
+    pub upgraded: usize,
     pub draining: usize,
     pub last_reload: Option<ReloadReport>,
     /// Process mode: the service as the supervisor sees it (its generation,
@@ -53,6 +56,7 @@ impl Snapshot {
             "uptime_seconds": self.uptime.as_secs_f64(),
             "in_flight": self.in_flight,
             "connections": self.connections,
+            "upgraded_connections": self.upgraded,
             "draining_generations": self.draining,
             "last_reload": self.last_reload,
         });

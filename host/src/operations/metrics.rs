@@ -60,6 +60,7 @@ pub struct Metrics {
     drain_duration: Family<DrainLabels, Histogram>,
     in_flight: Gauge,
     connections: Gauge,
+    upgraded: Gauge,
     generation: Gauge,
     draining: Gauge,
 }
@@ -105,7 +106,8 @@ impl Metrics {
             gauge
         };
         let in_flight = gauge(&mut registry, "in_flight_requests", "Requests whose response has not ended");
-        let connections = gauge(&mut registry, "open_connections", "Open client connections");
+        let connections = gauge(&mut registry, "open_connections", "Open client connections, upgraded ones included");
+        let upgraded = gauge(&mut registry, "upgraded_connections", "Open upgraded connections (WebSockets...)");
         let generation = gauge(&mut registry, "current_generation", "Generation serving new requests");
         let draining = gauge(&mut registry, "draining_generations", "Replaced generations still draining");
         Metrics {
@@ -117,6 +119,7 @@ impl Metrics {
             drain_duration,
             in_flight,
             connections,
+            upgraded,
             generation,
             draining,
         }
@@ -143,6 +146,7 @@ impl Metrics {
         let as_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.in_flight.set(as_gauge(snapshot.in_flight as u64));
         self.connections.set(as_gauge(snapshot.connections as u64));
+        self.upgraded.set(as_gauge(snapshot.upgraded as u64));
         self.generation.set(as_gauge(snapshot.generation));
         self.draining.set(as_gauge(snapshot.draining as u64));
         let mut text = String::new();

@@ -30,8 +30,14 @@ pub enum FromWorker {
     Ready { app: String, app_version: String, load_ms: f64, init_ms: f64 },
     /// The library could not be loaded; the worker exits.
     LoadFailed { reason: String },
-    /// The worker's event loop runs (sent every [`BEAT`]).
-    Beat { in_flight: usize, connections: usize },
+    /// The worker's event loop runs (sent every [`BEAT`]). `connections`
+    /// counts the `upgraded` ones (WebSockets...) too.
+    Beat {
+        in_flight: usize,
+        connections: usize,
+        #[serde(default)]
+        upgraded: usize,
+    },
 }
 
 /// What the supervisor tells a worker.
@@ -110,10 +116,10 @@ mod tests {
         let (mut at_worker, mut worker_out) = open::<ToWorker, FromWorker>(b).unwrap();
         let ready = FromWorker::Ready { app: "a".into(), app_version: "1".into(), load_ms: 1.5, init_ms: 0.5 };
         worker_out.send(&ready).await.unwrap();
-        worker_out.send(&FromWorker::Beat { in_flight: 2, connections: 3 }).await.unwrap();
+        worker_out.send(&FromWorker::Beat { in_flight: 2, connections: 3, upgraded: 1 }).await.unwrap();
         to_worker.send(&ToWorker::Retire).await.unwrap();
         assert_eq!(from_worker.next().await, Some(ready));
-        assert_eq!(from_worker.next().await, Some(FromWorker::Beat { in_flight: 2, connections: 3 }));
+        assert_eq!(from_worker.next().await, Some(FromWorker::Beat { in_flight: 2, connections: 3, upgraded: 1 }));
         assert_eq!(at_worker.next().await, Some(ToWorker::Retire));
         drop((worker_out, at_worker));
         assert_eq!(from_worker.next().await, None);

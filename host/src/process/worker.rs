@@ -102,7 +102,11 @@ async fn beat(server: Arc<Server>, mut reports: ToSupervisor) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let beat = FromWorker::Beat { in_flight: server.current.in_flight(), connections: server.connections.count() };
+        let beat = FromWorker::Beat {
+            in_flight: server.current.in_flight(),
+            connections: server.connections.count(),
+            upgraded: server.current.upgraded(),
+        };
         if reports.send(&beat).await.is_err() {
             return;
         }
