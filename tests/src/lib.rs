@@ -75,6 +75,19 @@ pub fn variants_target_dir() -> PathBuf {
     target_dir().join("e2e-variants")
 }
 
+/// The axum example (`examples/axum-app`), built on first use: it is not a
+/// default member of the workspace.
+pub fn axum_app() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let target = target_dir();
+            cargo_build(&["axum-app"], &target, None);
+            target.join("debug/libaxum_app.so")
+        })
+        .clone()
+}
+
 /// The sample app as built by the workspace (default greeting).
 pub fn sample_app() -> PathBuf {
     built().join("libsample_app.so")
