@@ -18,8 +18,8 @@
 //!   headers as the client sent them; the body streams from the host and
 //!   stops at the host's `--max-body-size` (the client gets `413`, whatever
 //!   the service answers);
-//! - in its extensions, [`PeerAddr`] and, with the `axum` feature, axum's
-//!   `ConnectInfo<SocketAddr>`;
+//! - in its extensions, the client's address: axum's
+//!   `ConnectInfo<SocketAddr>` with the `axum` feature, [`PeerAddr`] without;
 //! - for a request that can be upgraded (HTTP/1.1 with `Upgrade`), hyper's
 //!   own `OnUpgrade`: axum's `WebSocketUpgrade` works unchanged. Such a
 //!   request (only such a request) is served by a hyper server of the app's
@@ -53,8 +53,8 @@ use crate::InitError;
 /// The error type of bodies and services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The client's address, in every request's extensions (axum apps can use
-/// `ConnectInfo<SocketAddr>` instead, with the `axum` feature).
+/// The client's address, in every request's extensions without the `axum`
+/// feature (with it, axum's `ConnectInfo<SocketAddr>` is there instead).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
@@ -189,7 +189,7 @@ where
         Box::pin(async move {
             let called = call(service, request).await.map_err(Into::into);
             match called {
-                Ok(response) => app_response(response).await,
+                Ok(response) => app_response(response, false).await,
                 Err(e) => failed(e),
             }
         })
@@ -241,16 +241,21 @@ fn http_request(req: Request<'_>, peer: Option<SocketAddr>) -> Result<http::Requ
     Ok(request)
 }
 
+/// The client's address in the extensions: axum's `ConnectInfo` with the
+/// `axum` feature, [`PeerAddr`] without.
 fn add_peer(extensions: &mut http::Extensions, peer: Option<SocketAddr>) {
     if let Some(peer) = peer {
-        extensions.insert(PeerAddr(peer));
         #[cfg(feature = "axum")]
         extensions.insert(axum::extract::ConnectInfo(peer));
+        #[cfg(not(feature = "axum"))]
+        extensions.insert(PeerAddr(peer));
     }
 }
 
-/// An `http::Response` as the host takes it.
-async fn app_response<B>(response: http::Response<B>) -> Response
+/// An `http::Response` as the host takes it. `framed`: it came over the
+/// in-memory connection, so its framing headers describe that hop, and the
+/// host's server frames the body anew.
+async fn app_response<B>(response: http::Response<B>, framed: bool) -> Response
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -258,27 +263,35 @@ where
 {
     let (parts, body) = response.into_parts();
     let mut out = Response::new(parts.status.as_u16());
-    copy_headers(&parts.headers, &mut out, false);
     out.body = response_body(body).await;
+    // A length that complete bytes carry anyway: the host's server writes it.
+    let implied = match &out.body {
+        ResponseBody::Bytes(bytes) if !framed => Some(bytes.len()),
+        _ => None,
+    };
+    copy_headers(&parts.headers, &mut out, framed, implied);
     out
 }
 
-/// Headers that describe a hop, not the response: the host's own HTTP
-/// server frames the body again.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    use http::header::{CONNECTION, TRANSFER_ENCODING, UPGRADE};
-    name == TRANSFER_ENCODING || name == CONNECTION || name == UPGRADE || name.as_str() == "keep-alive"
-}
-
-/// Copies `headers` into `out` (without hop-by-hop ones unless `upgrade`),
-/// borrowing the common names and values instead of copying them.
-fn copy_headers(headers: &http::HeaderMap, out: &mut Response, upgrade: bool) {
+/// Copies `headers` into `out`, less `transfer-encoding` if `framed` and
+/// less a `content-length` equal to `implied`, borrowing the common names and
+/// values instead of copying them.
+fn copy_headers(headers: &http::HeaderMap, out: &mut Response, framed: bool, implied: Option<usize>) {
+    use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, TRANSFER_ENCODING};
+    use http::header::{SEC_WEBSOCKET_ACCEPT, UPGRADE, VARY};
     for (name, value) in headers {
-        if !upgrade && is_hop_by_hop(name) {
+        if framed && name == TRANSFER_ENCODING {
             continue;
         }
-        let name = match COMMON_NAMES.iter().find(|common| **common == name.as_str()) {
-            Some(common) => Cow::Borrowed(common.as_bytes()),
+        let length = || value.to_str().ok().and_then(|v| v.parse::<usize>().ok());
+        if name == CONTENT_LENGTH && implied.is_some() && length() == implied {
+            continue;
+        }
+        // Standard names compare as a tag, without looking at the text.
+        let common =
+            [CONTENT_TYPE, CONTENT_LENGTH, CACHE_CONTROL, LOCATION, VARY, UPGRADE, CONNECTION, SEC_WEBSOCKET_ACCEPT];
+        let name = match common.iter().position(|common| common == name) {
+            Some(at) => Cow::Borrowed(COMMON_NAMES[at].as_bytes()),
             None => Cow::Owned(name.as_str().as_bytes().to_vec()),
         };
         let value = match COMMON_VALUES.iter().find(|common| common.as_bytes() == value.as_bytes()) {
@@ -289,6 +302,7 @@ fn copy_headers(headers: &http::HeaderMap, out: &mut Response, upgrade: bool) {
     }
 }
 
+/// The text of the names in `copy_headers`' `common`, in its order.
 const COMMON_NAMES: [&str; 8] = [
     "content-type",
     "content-length",
@@ -421,13 +435,13 @@ where
         Err(e) => return failed(e.into()),
     };
     if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-        return app_response(response).await;
+        return app_response(response, true).await;
     }
     let headers = std::mem::take(response.headers_mut());
     match hyper::upgrade::on(response).await {
         Ok(upgraded) => {
             let mut out = Response::upgraded(Box::pin(TokioIo::new(upgraded)));
-            copy_headers(&headers, &mut out, true);
+            copy_headers(&headers, &mut out, false, None);
             out
         }
         Err(e) => failed(e.into()),

@@ -273,3 +273,39 @@ async fn fifty_reloads_of_the_axum_app_leave_one_copy_mapped() {
     assert_eq!(server.count_logs(unmapped), 50, "every old generation was unmapped:\n{}", server.logs());
     assert_eq!(server.mapped_app_copies(), 1, "copies still mapped after 50 reloads");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_mode_a_retiring_worker_keeps_its_websocket_until_reload_timeout() {
+    let args = ["--mode", "process", "--processes", "1", "--reload-timeout", "3s", "--app-arg", "close_delay_ms=1000"];
+    let server = Server::start(&axum_app(), &args);
+    let mut old = open_socket(server.addr).await;
+    assert_eq!(ask(&mut old, "generation").await, "generation 1");
+    let reloaded = Instant::now();
+    server.signal(libc::SIGHUP);
+    assert!(server.wait_for_log("retiring: a newer generation serves", STEP), "{}", server.logs());
+    // The old worker stops accepting a moment after it says so: a socket
+    // it still took is closed and opened again.
+    let mut new = open_socket(server.addr).await;
+    for _ in 0..20 {
+        if ask(&mut new, "generation").await == "generation 2" {
+            break;
+        }
+        new = open_socket(server.addr).await;
+    }
+    assert_eq!(ask(&mut new, "generation").await, "generation 2");
+    // The old worker retires but keeps the socket it holds...
+    assert_eq!(ask(&mut old, "generation").await, "generation 1");
+    assert_eq!(close_code(&mut old).await, CloseCode::Away);
+    // ...until reload_timeout, as this client never answers the Close.
+    let mut tcp = old.into_inner();
+    let _ = tokio::time::timeout(STEP, tcp.read_to_end(&mut Vec::new())).await.expect("cut");
+    let cut_after = reloaded.elapsed();
+    assert!(cut_after >= Duration::from_millis(2500) && cut_after < Duration::from_secs(8), "{cut_after:?}");
+    let exited = |line: &str| line.contains("event=\"worker_exited\"") && line.contains("generation=1");
+    let deadline = Instant::now() + STEP;
+    while !server.logs().lines().any(exited) {
+        assert!(Instant::now() < deadline, "the old worker exits once its socket is gone:\n{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ask(&mut new, "after").await, "after");
+}

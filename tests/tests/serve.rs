@@ -172,6 +172,6 @@ fn check_reports_a_good_library() {
     let (status, output) = run_host(&["check", sample_app().to_str().unwrap()], Duration::from_secs(30));
     assert!(status.success(), "{output}");
     assert!(output.contains("app:         sample-app 0.1.0"), "{output}");
-    assert!(output.contains("ABI version: 1"), "{output}");
+    assert!(output.contains("ABI version: 2"), "{output}");
     assert!(output.contains("library unmapped"), "{output}");
 }

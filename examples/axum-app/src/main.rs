@@ -1,6 +1,7 @@
 //! The same router under plain `axum::serve`, for comparison with
-//! pounce-host (`cargo xtask bench`). Listens on `AXUM_APP_ADDR` (default
-//! `127.0.0.1:3000`; port 0 picks a free one) and prints
+//! pounce-host serving it. Listens on `AXUM_APP_ADDR` (default
+//! `127.0.0.1:3000`; port 0 picks a free one) with `AXUM_APP_THREADS` tokio
+//! worker threads (default 1, as the benchmark runs pounce-host), and prints
 //! `listening on ADDRESS` once it does.
 
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use axum_app::{router, AppState};
 
 fn main() -> std::io::Result<()> {
     let addr = std::env::var("AXUM_APP_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    let threads = std::env::var("AXUM_APP_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+    let threads = std::env::var("AXUM_APP_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&addr).await?;

@@ -195,7 +195,7 @@ impl OpenedLibrary {
         unload_guard::register(entry, generation);
         match check_table(entry) {
             Ok(vtable) => {
-                // SAFETY: `check_table` verified a full v1 table, static in
+                // SAFETY: `check_table` verified a full table of this ABI version, static in
                 // the library, whose strings are static too.
                 let (name, version, abi_crate_version) = unsafe {
                     let table = &*vtable;
@@ -373,7 +373,7 @@ impl RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
-            // Trailers are not offered to apps in ABI v1.
+            // Trailers are not offered to apps (ABI v2).
             let Ok(data) = frame.into_data() else { continue };
             if data.is_empty() {
                 continue;
@@ -542,9 +542,12 @@ impl AppCall {
         let stream = (head.body_kind == body_kind::STREAM && !head.stream.is_null())
             .then(|| AppStream { lease: lease.clone(), stream: head.stream });
         let io = (!head.io.is_null()).then(|| AppIo { lease: lease.clone(), io: head.io });
-        // SAFETY: `request` is live until `finish` below; the app no longer
-        // borrows it (its future is finished).
-        let on_upgrade = unsafe { (*self.request).parts.extensions.remove::<OnUpgrade>() };
+        // SAFETY: `request` is live until `finish` below. Only the
+        // `extensions` field is borrowed mutably: the head the app was lent
+        // points at other fields.
+        let (version, extensions) = unsafe { ((*self.request).parts.version, &mut (*self.request).parts.extensions) };
+        // Only what `fill_head` offered: HTTP/1.1 (not an HTTP/2 CONNECT).
+        let on_upgrade = (version == Version::HTTP_11).then(|| extensions.remove::<OnUpgrade>()).flatten();
         // SAFETY: `head` was filled by `poll_response` returning OK and the
         // future is not dropped yet (that happens in `finish`, below).
         let parsed = unsafe { parse_head(head) };

@@ -357,29 +357,34 @@ pub async fn serve<S, B>(
     let _ = stream.set_nodelay(true);
     let peer = connection.peer;
     let io = TokioIo::new(Watched { stream, connection: connection.clone() });
-    let conn = http.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
     let mut seen = SERVE;
-    loop {
-        let step = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-            Poll::Ready(ended) => Poll::Ready(Err(ended)),
-            Poll::Pending => connection.control.poll_change(cx, seen).map(Ok),
-        })
-        .await;
-        match step {
-            Err(ended) => {
-                if let Err(e) = ended {
-                    tracing::debug!(%peer, "connection ended: {e}");
+    // In a block, so hyper's connection is dropped before an upgraded
+    // session starts: if it ended without handing the socket over, that
+    // drop is what tells the session.
+    {
+        let conn = http.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        loop {
+            let step = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                Poll::Ready(ended) => Poll::Ready(Err(ended)),
+                Poll::Pending => connection.control.poll_change(cx, seen).map(Ok),
+            })
+            .await;
+            match step {
+                Err(ended) => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                    break;
                 }
-                break;
-            }
-            Ok(FINISH) => {
-                seen = FINISH;
-                conn.as_mut().graceful_shutdown();
-            }
-            Ok(_) => {
-                tracing::debug!(%peer, "closing the connection");
-                break;
+                Ok(FINISH) => {
+                    seen = FINISH;
+                    conn.as_mut().graceful_shutdown();
+                }
+                Ok(_) => {
+                    tracing::debug!(%peer, "closing the connection");
+                    break;
+                }
             }
         }
     }

@@ -64,3 +64,49 @@ async fn join(client: impl AsyncRead + AsyncWrite, app: impl AsyncRead + AsyncWr
         () = client_to_app => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::join;
+
+    async fn read_some(from: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
+        let mut buf = [0; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), from.read(&mut buf)).await.expect("bytes").unwrap();
+        buf[..n].to_vec()
+    }
+
+    #[tokio::test]
+    async fn bytes_go_both_ways_until_the_app_ends_its_side() {
+        let (client, mut client_peer) = tokio::io::duplex(64);
+        let (app, mut app_peer) = tokio::io::duplex(64);
+        let session = tokio::spawn(join(client, app));
+        client_peer.write_all(b"ping").await.unwrap();
+        assert_eq!(read_some(&mut app_peer).await, b"ping");
+        app_peer.write_all(b"pong").await.unwrap();
+        assert_eq!(read_some(&mut client_peer).await, b"pong");
+        // The client is done sending: the app reads the end and may still answer.
+        client_peer.shutdown().await.unwrap();
+        assert_eq!(read_some(&mut app_peer).await, b"");
+        app_peer.write_all(b"bye").await.unwrap();
+        assert_eq!(read_some(&mut client_peer).await, b"bye");
+        assert!(!session.is_finished());
+        // The app ends its side: the connection ends.
+        drop(app_peer);
+        assert_eq!(read_some(&mut client_peer).await, b"");
+        tokio::time::timeout(Duration::from_secs(5), session).await.expect("the session ends").unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_app_closing_ends_the_session_even_if_the_client_stays() {
+        let (client, mut client_peer) = tokio::io::duplex(64);
+        let (app, app_peer) = tokio::io::duplex(64);
+        let session = tokio::spawn(join(client, app));
+        drop(app_peer);
+        tokio::time::timeout(Duration::from_secs(5), session).await.expect("the session ends").unwrap();
+        assert_eq!(read_some(&mut client_peer).await, b"");
+    }
+}
