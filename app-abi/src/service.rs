@@ -214,9 +214,10 @@ fn failed(error: BoxError) -> Response {
 fn http_request(req: Request<'_>, peer: Option<SocketAddr>) -> Result<http::Request<Body>, Response> {
     let bad = |what: &str| Response::text(format!("bad request: {what}\n")).with_status(400);
     let method = http::Method::from_bytes(req.method().as_bytes()).map_err(|_| bad("method"))?;
-    let uri = match req.query() {
-        Some(query) => http::Uri::try_from(format!("{}?{query}", req.path())),
-        None => http::Uri::try_from(req.path()),
+    let uri = match (req.path(), req.query()) {
+        ("/", None) => Ok(http::Uri::from_static("/")),
+        (path, Some(query)) => http::Uri::try_from(format!("{path}?{query}")),
+        (path, None) => http::Uri::try_from(path),
     }
     .map_err(|_| bad("target"))?;
     let version = match req.version() {

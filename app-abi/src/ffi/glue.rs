@@ -215,8 +215,7 @@ unsafe extern "C" fn handle<A: App>(
     let gate = (head.body_size() != Some(0)).then(|| unsafe { BodyGate::new(&*head_ptr) });
     let _entered = instance.handle.enter();
     let made = catch_unwind(AssertUnwindSafe(|| {
-        let future: Pin<Box<dyn Future<Output = Response> + Send + '_>> =
-            Box::pin(instance.app.handle(Request::new(head, gate.clone())));
+        let future = instance.app.handle_boxed(Request::new(head, gate.clone()));
         // SAFETY: the future borrows the instance and the request head. The
         // host keeps both alive until it calls `drop_response`, which drops
         // the future; so erasing the lifetime never lets a borrow dangle.
