@@ -97,7 +97,7 @@ async fn editor_files_hidden_dirs_and_other_extensions_trigger_nothing() {
         "--reload-include",
         ".html,.css",
         "--log-level",
-        "info,pounce_host::watch=debug",
+        "info,pounce_host::lifecycle::watch=debug",
     ];
     let server = Server::start(&library, &args);
     assert!(server.wait_for_log("--reload: watching", Duration::from_secs(5)));
