@@ -10,13 +10,14 @@ mod dev;
 /// The tasks that exist: name, one-line summary.
 const TASKS: &[(&str, &str)] = &[
     ("bench", "measure pounce-host against a plain hyper baseline; writes bench/results/latest.md"),
+    ("bench-axum", "the axum example under pounce-host against axum::serve; writes bench/results/axum.md"),
     ("dev", "build an app, serve it, rebuild and reload it on every save"),
 ];
 
 fn usage() -> String {
     let mut text = String::from("usage: cargo xtask TASK [ARGS]\n\ntasks:\n");
     for (name, summary) in TASKS {
-        text.push_str(&format!("  {name:<8} {summary}\n"));
+        text.push_str(&format!("  {name:<10} {summary}\n"));
     }
     text.push_str("\n`cargo xtask TASK --help` describes a task's arguments.\n");
     text
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let outcome = match task.as_deref() {
         Some("bench") => bench::main(rest),
+        Some("bench-axum") => bench::axum::main(rest),
         Some("dev") => dev::main(rest),
         Some("-h" | "--help" | "help") => {
             print!("{}", usage());

@@ -7,6 +7,7 @@
 //! (RSS and mapped copies across reloads), `criterion` (the request-path
 //! micro-benchmark), `report` (figures, targets, Markdown).
 
+pub mod axum;
 mod criterion;
 mod loadgen;
 mod memory;
