@@ -81,7 +81,7 @@ impl<'a> Request<'a> {
     }
 
     /// All headers in arrival order: lowercase name, raw value.
-    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a str, &'a [u8])> {
         self.head.headers()
     }
 

@@ -227,10 +227,25 @@ fn http_request(req: Request<'_>, peer: Option<SocketAddr>) -> Result<http::Requ
         Version::Http2 => http::Version::HTTP_2,
         Version::Http3 => http::Version::HTTP_3,
     };
-    let mut headers = http::HeaderMap::with_capacity(req.headers().size_hint().0);
+    let count = req.headers().len();
+    let mut headers = http::HeaderMap::with_capacity(count);
+    // Past a few headers, all values go in one buffer, each header's value
+    // a slice of it: two allocations for the values, not one per header.
+    let mut values = match count {
+        0..=2 => Bytes::new(),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(req.headers().map(|(_, v)| v.len()).sum());
+            req.headers().for_each(|(_, value)| all.extend_from_slice(value));
+            all.freeze()
+        }
+    };
     for (name, value) in req.headers() {
         let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad("header name"))?;
-        let value = HeaderValue::from_bytes(value).map_err(|_| bad("header value"))?;
+        let value = match count {
+            0..=2 => HeaderValue::from_bytes(value),
+            _ => HeaderValue::from_maybe_shared(values.split_to(value.len())),
+        }
+        .map_err(|_| bad("header value"))?;
         headers.append(name, value);
     }
     let mut request = http::Request::new(Body::host(req.into_body()));

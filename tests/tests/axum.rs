@@ -87,6 +87,18 @@ async fn serves_an_axum_router() {
     assert_eq!(client.send("DELETE", "/", Bytes::new()).await.unwrap().status, 405);
     assert!(!client.is_closed(), "errors keep the connection");
 
+    // Headers arrive as sent, repeated ones too.
+    let many = "GET /headers HTTP/1.1\r\nHost: x\r\nX-One: 1\r\nX-Two: two\r\nX-List: a\r\nX-List: b\r\n\
+                Accept: */*\r\nConnection: close\r\n\r\n";
+    let reply = raw_exchange(TcpStream::connect(addr).await.unwrap(), many).await;
+    let (_, body) = reply.split_once("\r\n\r\n").expect("a response");
+    let json: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(json["x-one"], serde_json::json!(["1"]), "{json}");
+    assert_eq!(json["x-two"], serde_json::json!(["two"]), "{json}");
+    assert_eq!(json["x-list"], serde_json::json!(["a", "b"]), "{json}");
+    assert_eq!(json["host"], serde_json::json!(["x"]), "{json}");
+    assert_eq!(json["connection"], serde_json::json!(["close"]), "{json}");
+
     // ConnectInfo<SocketAddr>: the client's own address.
     let tcp = TcpStream::connect(addr).await.unwrap();
     let local = tcp.local_addr().unwrap();

@@ -104,7 +104,7 @@ impl<'a> HeadRef<'a> {
         (self.head.body_size != BODY_SIZE_UNKNOWN).then_some(self.head.body_size)
     }
 
-    pub(crate) fn headers(self) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+    pub(crate) fn headers(self) -> impl ExactSizeIterator<Item = (&'a str, &'a [u8])> {
         let headers: &'a [Header] = if self.head.header_count == 0 || self.head.headers.is_null() {
             &[]
         } else {

@@ -11,6 +11,7 @@
 //! | `POST /echo` | JSON: the JSON body back, under `echo` |
 //! | `POST /count` | how many bytes the body had |
 //! | `GET /peer` | the client's address (`ConnectInfo`) |
+//! | `GET /headers` | JSON: the request's headers, name to values |
 //! | `GET /sse?events=N&interval_ms=M` | N server-sent events, one every M ms |
 //! | `GET /ws` | WebSocket echo; the text `generation` is answered with the generation; when the generation drains, the server closes with 1001 |
 //!
@@ -69,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .route("/echo", post(echo))
         .route("/count", post(count))
         .route("/peer", get(peer))
+        .route("/headers", get(headers))
         .route("/sse", get(sse))
         .route("/ws", get(ws))
         .with_state(state)
@@ -113,6 +115,15 @@ async fn count(body: Bytes) -> String {
 
 async fn peer(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> String {
     peer.to_string()
+}
+
+async fn headers(headers: axum::http::HeaderMap) -> Json<serde_json::Value> {
+    let mut all = serde_json::Map::new();
+    for name in headers.keys() {
+        let values = headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        all.insert(name.to_string(), values.collect::<Vec<_>>().into());
+    }
+    Json(all.into())
 }
 
 #[derive(Deserialize)]
