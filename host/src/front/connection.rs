@@ -164,6 +164,10 @@ pub struct Connection {
     /// Accepted during a shutdown: answered `503`, not asked to finish.
     accepted_in_shutdown: bool,
     control: Control,
+    /// A request that may be answered `101` is in flight: asking the
+    /// connection to finish must not touch hyper's keep-alive now (hyper
+    /// would add `close` to the `101`'s `Connection: upgrade`).
+    upgrading: AtomicBool,
     /// A `101` was answered: the connection has no deadlines any more.
     upgraded: AtomicBool,
     /// What runs once hyper hands the upgraded socket over.
@@ -184,6 +188,11 @@ impl Connection {
     pub fn may_hold(&self, generation: u64) -> bool {
         (self.in_flight.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Acquire))
             && self.generation.load(Ordering::Relaxed) <= generation
+    }
+
+    /// Whether a request that may be answered `101` is in flight.
+    pub fn set_upgrading(&self, upgrading: bool) {
+        self.upgrading.store(upgrading, Ordering::Release);
     }
 
     /// The response being sent is a `101`: after it, `session` runs on this
@@ -333,6 +342,7 @@ impl Connection {
             head_since_ms: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             control: Control { state: AtomicU8::new(SERVE), waker: AtomicWaker::new() },
+            upgrading: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),
             session: Mutex::new(None),
         }
@@ -379,7 +389,11 @@ pub async fn serve<S, B>(
                 }
                 Ok(FINISH) => {
                     seen = FINISH;
-                    conn.as_mut().graceful_shutdown();
+                    // An upgrade request in flight is answered as it comes
+                    // (with `Connection: close` unless it is a `101`).
+                    if !connection.upgrading.load(Ordering::Acquire) {
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
                 Ok(_) => {
                     tracing::debug!(%peer, "closing the connection");

@@ -43,8 +43,9 @@ pub async fn handle(
         record.answered(response.status().as_u16(), generation);
     }
     response.body_mut().attach(activity, record);
-    if server.connections.is_retiring() {
-        // A retiring worker's client should take its next request elsewhere.
+    if server.connections.is_retiring() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // A retiring worker's client should take its next request elsewhere
+        // (an upgraded connection is cut at reload_timeout instead).
         response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }
     Ok(response)
@@ -74,10 +75,22 @@ async fn answer(
     let generation = server.current.lease();
     let number = generation.number();
     connection.serves(number);
+    let may_upgrade = request.version() == http::Version::HTTP_11
+        && request.extensions().get::<hyper::upgrade::OnUpgrade>().is_some();
+    connection.set_upgrading(may_upgrade);
     let in_flight = InFlight::start(generation.clone());
     let call = AppCall::start(generation, request, connection.peer, config.max_body_size);
     let outcome = run(call, &in_flight, config.request_timeout).await;
-    (respond(outcome, in_flight, config.max_body_size, connection), Some(number))
+    let mut response = respond(outcome, in_flight, config.max_body_size, connection);
+    if may_upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        connection.set_upgrading(false);
+        if server.is_shutting_down() {
+            // The shutdown's request to finish skipped this connection while
+            // it might upgrade: close it after this answer.
+            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+    }
+    (response, Some(number))
 }
 
 /// How an app call ended.
