@@ -54,6 +54,22 @@
 //! `500`, a panicking `init` fails the load. Build apps with the default
 //! `panic = "unwind"`.
 //!
+//! # Bring your axum app (feature `tower` or `axum`)
+//!
+//! An app can also be any `tower::Service` over `http` types, an axum
+//! `Router` say: [`export_service!`] serves the service a function of the
+//! app builds at `init` (see the `service` module). With the `axum` feature,
+//! requests carry axum's `ConnectInfo<SocketAddr>`, and WebSocket upgrades
+//! (`axum::extract::ws`) work unchanged.
+//!
+//! # Upgraded connections
+//!
+//! [`Response::upgrade`] takes over the connection of an HTTP/1.1 request
+//! with `Upgrade` ([`Request::is_upgrade`]): after the host sent the `101`,
+//! the app reads and writes the client's bytes. The connection keeps its
+//! generation's code loaded; when the generation drains, close it the
+//! protocol's way: the host cuts it at `reload_timeout`.
+//!
 //! # Logging
 //!
 //! `tracing` events from the app (use [`tracing`] re-exported here) are
@@ -66,14 +82,17 @@ mod context;
 mod log;
 mod request;
 mod response;
+#[cfg(feature = "tower")]
+pub mod service;
 
 use std::future::Future;
+use std::pin::Pin;
 
 pub use bytes::{self, Bytes};
 pub use context::{DrainSignal, InitContext};
 pub use futures_core::Stream;
-pub use request::{BodyError, Request, RequestBody, Version};
-pub use response::{BodySender, ClientGone, Response};
+pub use request::{BodyError, OwnedBody, Request, RequestBody, Version};
+pub use response::{BodySender, ClientGone, Response, Upgraded};
 pub use tokio;
 pub use tracing;
 
@@ -97,6 +116,14 @@ pub trait App: Send + Sync + Sized + 'static {
     /// Request<'_>) -> Response`.
     fn handle<'a>(&'a self, req: Request<'a>) -> impl Future<Output = Response> + Send + 'a;
 
+    /// [`App::handle`]'s future, boxed: what the host polls. Not for apps:
+    /// `export_service!` overrides it to hand over a future that is boxed
+    /// already, saving an allocation per request.
+    #[doc(hidden)]
+    fn handle_boxed<'a>(&'a self, req: Request<'a>) -> Pin<Box<dyn Future<Output = Response> + Send + 'a>> {
+        Box::pin(self.handle(req))
+    }
+
     /// This generation gets no new requests from now on. Called once.
     fn drain(&self) {}
 
@@ -117,5 +144,58 @@ macro_rules! export_app {
                 $crate::ffi::vtable::<$app>(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"));
             &VTABLE
         }
+    };
+}
+
+/// Exports the `tower::Service` that `$make` builds as this library's app
+/// (feature `tower`). `$make` is a function `fn(&InitContext) -> Result<S, E>`
+/// called once per generation, inside the generation's runtime; `S` is a
+/// `Service<http::Request<app_abi::service::Body>>` that is `Clone` (an
+/// axum `Router` with its state applied: `Router<()>`), and `E` converts into
+/// [`InitError`]. Use it once, in a crate built as `crate-type = ["cdylib"]`.
+/// `runtime_threads = N` sets [`App::RUNTIME_THREADS`].
+///
+/// ```ignore
+/// fn app(ctx: &app_abi::InitContext) -> Result<axum::Router, app_abi::InitError> {
+///     Ok(axum::Router::new().route("/", axum::routing::get(|| async { "Hello, World!" })))
+/// }
+/// app_abi::export_service!(app);
+/// ```
+#[cfg(feature = "tower")]
+#[macro_export]
+macro_rules! export_service {
+    ($make:expr) => {
+        $crate::export_service!($make, runtime_threads = 1);
+    };
+    ($make:expr, runtime_threads = $threads:expr) => {
+        #[doc(hidden)]
+        pub struct __PounceService($crate::service::ServiceApp);
+
+        impl $crate::App for __PounceService {
+            const RUNTIME_THREADS: usize = $threads;
+
+            fn init(ctx: &$crate::InitContext) -> ::std::result::Result<Self, $crate::InitError> {
+                let service = $crate::service::made(($make)(ctx))?;
+                ::std::result::Result::Ok(__PounceService($crate::service::ServiceApp::new(service)))
+            }
+
+            fn handle<'a>(
+                &'a self,
+                req: $crate::Request<'a>,
+            ) -> impl ::std::future::Future<Output = $crate::Response> + ::std::marker::Send + 'a {
+                self.0.handle(req)
+            }
+
+            fn handle_boxed<'a>(
+                &'a self,
+                req: $crate::Request<'a>,
+            ) -> ::std::pin::Pin<
+                ::std::boxed::Box<dyn ::std::future::Future<Output = $crate::Response> + ::std::marker::Send + 'a>,
+            > {
+                self.0.handle(req)
+            }
+        }
+
+        $crate::export_app!(__PounceService);
     };
 }

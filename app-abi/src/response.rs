@@ -2,11 +2,13 @@
 
 use std::borrow::Cow;
 use std::fmt::Display;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_core::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::ffi::header_list::HeaderList;
@@ -15,12 +17,29 @@ type HeaderText = Cow<'static, str>;
 
 pub(crate) type BoxStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
-/// A response body: complete bytes, or a stream of chunks that the host pulls
-/// only as fast as the client reads (backpressure).
+/// The app's end of an upgraded connection, as the host drives it.
+pub(crate) trait UpgradedIo: AsyncRead + AsyncWrite + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Send + ?Sized> UpgradedIo for T {}
+
+pub(crate) type BoxIo = Pin<Box<dyn UpgradedIo>>;
+
+/// A response body: complete bytes, a stream of chunks that the host pulls
+/// only as fast as the client reads (backpressure), or (`101`) the app's end
+/// of the upgraded connection.
 pub(crate) enum Body {
     Bytes(Bytes),
     Stream(BoxStream),
+    Upgrade(BoxIo),
 }
+
+/// A connection the app took over with [`Response::upgrade`]: it reads what
+/// the client sends after the `101`, and what it writes goes to the client.
+pub type Upgraded = tokio::io::DuplexStream;
+
+/// How many bytes may wait in each direction between the host and an
+/// upgraded connection's task.
+const UPGRADE_BUFFER: usize = 64 * 1024;
 
 /// An HTTP response.
 ///
@@ -88,6 +107,34 @@ impl Response {
     pub fn channel(content_type: impl Into<HeaderText>, capacity: usize) -> (Response, BodySender) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         (Response::stream(content_type, ChannelStream(rx)), BodySender { tx })
+    }
+
+    /// `101 Switching Protocols`, taking the connection over: answer it to a
+    /// request whose [`Request::is_upgrade`](crate::Request::is_upgrade) is
+    /// true (any other gets `500`), with the protocol's headers added by
+    /// [`Response::with_header`]. `on_upgrade` runs at once as a task of the
+    /// generation's runtime (call this inside a handler) with the
+    /// connection; if the client is gone before the upgrade, it reads the
+    /// end at once.
+    ///
+    /// The connection keeps the generation's code loaded. When the
+    /// generation drains ([`DrainSignal`](crate::DrainSignal)), finish the
+    /// protocol's way (a WebSocket Close 1001, say): the host cuts the
+    /// connection at `reload_timeout` (on shutdown, `shutdown_timeout`).
+    /// Closing or dropping the connection ends it for the client too.
+    pub fn upgrade<F, Fut>(on_upgrade: F) -> Response
+    where
+        F: FnOnce(Upgraded) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (host_end, app_end) = tokio::io::duplex(UPGRADE_BUFFER);
+        tokio::spawn(async move { on_upgrade(app_end).await });
+        Response::upgraded(Box::pin(host_end))
+    }
+
+    /// `101` handing the host `io`, the app's end of the connection.
+    pub(crate) fn upgraded(io: BoxIo) -> Response {
+        Response { status: 101, headers: HeaderList::default(), body: Body::Upgrade(io) }
     }
 
     pub fn with_status(mut self, status: u16) -> Response {

@@ -11,6 +11,7 @@
 //! | `GET /stream?chunks=N&interval_ms=M&size=B` | N server-sent events, one every M ms (`0`: as fast as the client reads), each after a comment line of B colons (default 0) |
 //! | `GET /events` | one event a second until the generation drains |
 //! | `POST /echo` | the request body back |
+//! | `GET /upgrade` (with `Upgrade: echo`) | `101`, then every byte sent comes back |
 //! | `GET /panic` | the handler panics (the client gets `500`) |
 //! | `GET /fault/...` | crashes, exits, blocks or spins on purpose, with `--app-arg faults=on` (see `faults.rs`) |
 
@@ -101,9 +102,12 @@ impl App for SampleApp {
             ("GET", "/events") => self.events(),
             ("POST", "/echo") => echo(req).await,
             ("GET", "/panic") => panic!("sample-app: /panic was requested"),
-            (_, "/" | "/version" | "/sleep" | "/blocking" | "/stream" | "/events" | "/echo" | "/panic") => {
-                Response::text("method not allowed\n").with_status(405)
-            }
+            ("GET", "/upgrade") if req.is_upgrade() => upgrade_echo(),
+            ("GET", "/upgrade") => Response::text("upgrade required\n").with_status(426).with_header("upgrade", "echo"),
+            (
+                _,
+                "/" | "/version" | "/sleep" | "/blocking" | "/stream" | "/events" | "/echo" | "/panic" | "/upgrade",
+            ) => Response::text("method not allowed\n").with_status(405),
             _ => Response::text("not found\n").with_status(404),
         }
     }
@@ -149,6 +153,16 @@ impl SampleApp {
         });
         response
     }
+}
+
+/// `101`, then an echo of every byte on the connection until the client ends it.
+fn upgrade_echo() -> Response {
+    Response::upgrade(|io| async move {
+        let (mut reader, mut writer) = app_abi::tokio::io::split(io);
+        let _ = app_abi::tokio::io::copy(&mut reader, &mut writer).await;
+    })
+    .with_header("connection", "upgrade")
+    .with_header("upgrade", "echo")
 }
 
 /// Logs when a `/sleep` handler is dropped before it finished (the host

@@ -100,27 +100,53 @@ pub fn variants_target_dir() -> PathBuf {
     target_dir().join("e2e-variants")
 }
 
+/// The axum example (`examples/axum-app`), built on first use (it is not a
+/// default member of the workspace) and copied as [`sample_app`] is.
+pub fn axum_app() -> PathBuf {
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    COPY.get_or_init(|| {
+        let target = target_dir();
+        cargo_build(&["axum-app"], &target, None);
+        private_copy(&target.join("debug/libaxum_app.so"))
+    })
+    .clone()
+}
+
 /// The sample app as built by the workspace (default greeting), copied once
 /// per test process into a directory of its own (0755, the file 0644): the
 /// build output may sit in a checkout that is writable by its group, whose
 /// libraries pounce-host refuses. The copy is removed when the process exits.
 pub fn sample_app() -> PathBuf {
     static COPY: OnceLock<PathBuf> = OnceLock::new();
-    COPY.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("pounce-e2e-{}-sample-app", std::process::id()));
+    COPY.get_or_init(|| private_copy(&built().join("libsample_app.so"))).clone()
+}
+
+/// This test process's directory for library copies (0755), created once
+/// and removed when the process exits.
+fn private_dir() -> PathBuf {
+    fn path() -> PathBuf {
+        std::env::temp_dir().join(format!("pounce-e2e-{}-sample-app", std::process::id()))
+    }
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = path();
         let _ = std::fs::remove_dir_all(&dir);
         make_dir(&dir);
-        let copy = dir.join("libsample_app.so");
-        replace_file(&built().join("libsample_app.so"), &copy);
-        extern "C" fn remove_copy() {
-            let dir = std::env::temp_dir().join(format!("pounce-e2e-{}-sample-app", std::process::id()));
-            let _ = std::fs::remove_dir_all(dir);
+        extern "C" fn remove_dir() {
+            let _ = std::fs::remove_dir_all(path());
         }
         // SAFETY: atexit(3) registers a plain function, run once at exit.
-        unsafe { libc::atexit(remove_copy) };
-        copy
+        unsafe { libc::atexit(remove_dir) };
+        dir
     })
     .clone()
+}
+
+/// A copy of `library` (0644) in [`private_dir`].
+fn private_copy(library: &Path) -> PathBuf {
+    let copy = private_dir().join(library.file_name().expect("a library file"));
+    replace_file(library, &copy);
+    copy
 }
 
 /// Creates `path` with mode 0755 whatever the umask.

@@ -12,6 +12,9 @@ const EXIT_CONFIG: i32 = 2;
 const EXIT_LOAD: i32 = 3;
 const EXIT_BIND: i32 = 4;
 
+/// The ABI version this pounce-host speaks (`app_abi::ffi::ABI_VERSION`).
+const ABI_VERSION: u32 = 2;
+
 /// Starts `serve` on `library` and expects it to exit with `code` and a log
 /// that contains every one of `needles`.
 fn serve_fails(library: &Path, args: &[&str], code: i32, needles: &[&str]) {
@@ -100,13 +103,18 @@ fn a_shared_library_without_the_entry_symbol() {
 fn an_unsupported_abi_version() {
     let dir = TempDir::new("abi");
     let library = library_with_table(&dir, 99, 200);
-    serve_fails(&library, &[], EXIT_LOAD, &["built for app ABI version 99", "speaks version 1", "rebuild the app"]);
+    serve_fails(
+        &library,
+        &[],
+        EXIT_LOAD,
+        &["built for app ABI version 99", &format!("speaks version {ABI_VERSION}"), "rebuild the app"],
+    );
 }
 
 #[test]
 fn a_table_that_is_too_small() {
     let dir = TempDir::new("size");
-    let library = library_with_table(&dir, 1, 8);
+    let library = library_with_table(&dir, ABI_VERSION, 8);
     serve_fails(&library, &[], EXIT_LOAD, &["its ABI table is 8 bytes, smaller than"]);
 }
 

@@ -167,11 +167,42 @@ async fn app_settings_and_logs_reach_the_app_and_the_host_log() {
     assert!(line.contains("generation=1"), "app log tagged with the generation: {line}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_app_takes_over_a_connection_with_response_upgrade() {
+    let server = Server::start(&sample_app(), &[]);
+    assert_eq!(get(server.addr, "/upgrade").await.unwrap().status, 426, "no Upgrade header: no upgrade");
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut byte)).await.unwrap().unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo") && head.contains("connection: upgrade"), "{head}");
+    for word in [&b"ping"[..], b"\x00\xffbinary"] {
+        tcp.write_all(word).await.unwrap();
+        let mut back = vec![0u8; word.len()];
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, word);
+    }
+    assert_eq!(server.health().await["upgraded_connections"], 1);
+    // The client ends its side: the app reads the end, ends too, and the
+    // connection closes.
+    tcp.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(rest.is_empty());
+    server.wait_for_health("no upgraded connection", |json| json["upgraded_connections"] == 0).await;
+}
+
 #[test]
 fn check_reports_a_good_library() {
     let (status, output) = run_host(&["check", sample_app().to_str().unwrap()], Duration::from_secs(30));
     assert!(status.success(), "{output}");
     assert!(output.contains("app:         sample-app 0.1.0"), "{output}");
-    assert!(output.contains("ABI version: 1"), "{output}");
+    assert!(output.contains("ABI version: 2"), "{output}");
     assert!(output.contains("library unmapped"), "{output}");
 }

@@ -12,7 +12,7 @@ use std::mem::ManuallyDrop;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The ABI version this crate implements. The host refuses any other.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The name of the one symbol an app library exports: an
 /// `extern "C" fn() -> *const AppVTable`.
@@ -138,6 +138,8 @@ pub mod status {
     /// generation's threads did not stop in time, so the library must stay
     /// loaded.
     pub const THREADS_LEFT: u32 = 6;
+    /// `io_*`: the upgraded connection's I/O failed; it is over.
+    pub const IO_ERROR: u32 = 7;
 }
 
 /// Results of [`HostVTable::body_poll`].
@@ -225,6 +227,17 @@ pub struct BodyStream {
     _private: [u8; 0],
 }
 
+/// Opaque: the app's end of an upgraded connection (after `101 Switching
+/// Protocols`). Only the app reads it; the host moves bytes between it and
+/// the client with the `io_*` entry points.
+#[repr(C)]
+pub struct AppIo {
+    _private: [u8; 0],
+}
+
+/// [`RequestHead::body_size`] when the body's length is not known up front.
+pub const BODY_SIZE_UNKNOWN: u64 = u64::MAX;
+
 /// A request as the host passes it to `handle`. Every pointer is owned by the
 /// host and valid until the host calls `drop_response` on the future that
 /// `handle` returned.
@@ -243,6 +256,12 @@ pub struct RequestHead {
     pub peer: PeerAddr,
     /// Read with [`HostVTable::body_poll`].
     pub body: *mut HostBody,
+    /// The body's exact length (`0`: no body), or [`BODY_SIZE_UNKNOWN`].
+    pub body_size: u64,
+    /// `1` if the host can hand this request's connection to the app: an
+    /// HTTP/1.1 request with an `Upgrade` header. The app accepts by
+    /// answering `101` with [`ResponseHead::io`] set.
+    pub upgrade: u8,
 }
 
 // SAFETY: a `RequestHead` is immutable while the app sees it, and its body is
@@ -255,7 +274,9 @@ unsafe impl Send for RequestHead {}
 /// A response head as the app fills it in `poll_response`. The pointers are
 /// owned by the app's future and valid until `drop_response`; `stream`, when
 /// `body_kind` is [`body_kind::STREAM`], now belongs to the host, which must
-/// give it back with `drop_stream`.
+/// give it back with `drop_stream`. `io`, when not null (a `101` answer to a
+/// request with [`RequestHead::upgrade`] set), now belongs to the host, which
+/// must give it back with `drop_io`.
 #[repr(C)]
 pub struct ResponseHead {
     pub status: u16,
@@ -264,6 +285,7 @@ pub struct ResponseHead {
     pub body_kind: u32,
     pub body: Slice,
     pub stream: *mut BodyStream,
+    pub io: *mut AppIo,
 }
 
 impl ResponseHead {
@@ -274,6 +296,7 @@ impl ResponseHead {
         body_kind: body_kind::BYTES,
         body: Slice::EMPTY,
         stream: std::ptr::null_mut(),
+        io: std::ptr::null_mut(),
     };
 
     /// The headers as a slice.
@@ -355,6 +378,26 @@ pub struct AppVTable {
     /// [`status::PANICKED`] (also used when the app's stream yields an error).
     pub poll_chunk: unsafe extern "C" fn(stream: *mut BodyStream, waker: *const FfiWaker, out: *mut Slice) -> u32,
     pub drop_stream: unsafe extern "C" fn(stream: *mut BodyStream),
+    /// Reads what the app sends on an upgraded connection into the host's
+    /// `buf` (`cap` bytes): [`status::OK`] with `*out_len` bytes (`0`: the
+    /// app's side ended), [`status::PENDING`], [`status::IO_ERROR`] or
+    /// [`status::PANICKED`].
+    pub io_read: unsafe extern "C" fn(
+        io: *mut AppIo,
+        waker: *const FfiWaker,
+        buf: *mut u8,
+        cap: usize,
+        out_len: *mut usize,
+    ) -> u32,
+    /// Hands the app bytes the client sent: [`status::OK`] with `*out_len`
+    /// bytes taken, or as for `io_read`.
+    pub io_write: unsafe extern "C" fn(io: *mut AppIo, waker: *const FfiWaker, data: Slice, out_len: *mut usize) -> u32,
+    /// Flushes what was written: [`status::OK`], or as for `io_read`.
+    pub io_flush: unsafe extern "C" fn(io: *mut AppIo, waker: *const FfiWaker) -> u32,
+    /// The client sent all it will: the app reads the end. As `io_flush`.
+    pub io_shutdown: unsafe extern "C" fn(io: *mut AppIo, waker: *const FfiWaker) -> u32,
+    /// The connection is over (closed by either side, or cut by the host).
+    pub drop_io: unsafe extern "C" fn(io: *mut AppIo),
     /// The generation gets no new requests from now on.
     pub drain: unsafe extern "C" fn(app: *const AppInstance),
     /// Stops the app and its runtime, waiting up to `timeout_ms` for its

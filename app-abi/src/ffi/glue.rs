@@ -15,22 +15,23 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::io::ReadBuf;
 
 use super::abi::{
-    body_kind, level, status, AppInstance, AppVTable, BodyStream, FfiWaker, InitContextC, OwnedString, RequestHead,
-    ResponseFuture, ResponseHead, Slice, ABI_VERSION,
+    body_kind, level, status, AppInstance, AppIo, AppVTable, BodyStream, FfiWaker, InitContextC, OwnedString,
+    RequestHead, ResponseFuture, ResponseHead, Slice, ABI_VERSION,
 };
 use super::header_list::HeaderList;
-use super::host::{connect, host_log, HeadRef};
+use super::host::{connect, host_log, BodyGate, HeadRef};
 use super::waker::with_foreign_waker;
 use crate::context::{DrainSignal, InitContext};
 use crate::log::{self, panic_message};
 use crate::request::Request;
-use crate::response::{Body, BoxStream, Response};
+use crate::response::{Body, BoxIo, BoxStream, Response};
 use crate::App;
 
 /// One generation's app and the runtime its futures use.
@@ -50,6 +51,8 @@ struct FutureState {
     /// outlives every future (module rules).
     handle: *const tokio::runtime::Handle,
     done: Option<Finished>,
+    /// The request body's gate (when it has a body), closed in `drop_response`.
+    gate: Option<Arc<BodyGate>>,
 }
 
 /// A finished response, kept alive until `drop_response` so the host can read
@@ -63,6 +66,12 @@ struct StreamState {
     stream: BoxStream,
     handle: *const tokio::runtime::Handle,
     current: Bytes,
+}
+
+/// The app's end of an upgraded connection, owned by the host until `drop_io`.
+struct IoState {
+    io: BoxIo,
+    handle: *const tokio::runtime::Handle,
 }
 
 /// Builds the vtable for app type `A`. Used by [`export_app!`](crate::export_app).
@@ -80,6 +89,11 @@ pub const fn vtable<A: App>(name: &'static str, version: &'static str) -> AppVTa
         drop_response,
         poll_chunk,
         drop_stream,
+        io_read,
+        io_write,
+        io_flush,
+        io_shutdown,
+        drop_io,
         drain: drain::<A>,
         shutdown: shutdown::<A>,
         free_string,
@@ -189,16 +203,19 @@ unsafe extern "C" fn handle<A: App>(
     out: *mut ResponseHead,
     out_future: *mut *mut ResponseFuture,
 ) -> u32 {
+    let head_ptr = head;
     // SAFETY: `app` came from our `init` and is live until `shutdown`.
     let instance = unsafe { &*(app as *const Instance<A>) };
     // SAFETY: the host keeps `head` and what it points to valid until
     // `drop_response` (module rules), and the future made here, the only user
     // of the `HeadRef`, is dropped there.
     let head = unsafe { HeadRef::new(&*head) };
+    // SAFETY: `head` came from the host's `handle` call, and `drop_response`
+    // closes the gate (kept in the future's state) before it returns.
+    let gate = (head.body_size() != Some(0)).then(|| unsafe { BodyGate::new(&*head_ptr) });
     let _entered = instance.handle.enter();
     let made = catch_unwind(AssertUnwindSafe(|| {
-        let future: Pin<Box<dyn Future<Output = Response> + Send + '_>> =
-            Box::pin(instance.app.handle(Request::new(head)));
+        let future = instance.app.handle_boxed(Request::new(head, gate.clone()));
         // SAFETY: the future borrows the instance and the request head. The
         // host keeps both alive until it calls `drop_response`, which drops
         // the future; so erasing the lifetime never lets a borrow dangle.
@@ -206,11 +223,14 @@ unsafe extern "C" fn handle<A: App>(
         future
     }));
     let Ok(future) = made else {
+        if let Some(gate) = gate {
+            gate.close();
+        }
         // SAFETY: `out_future` is valid for the call.
         unsafe { *out_future = std::ptr::null_mut() };
         return status::PANICKED; // the panic hook logged it
     };
-    let state = Box::into_raw(Box::new(FutureState { future, handle: &instance.handle, done: None }));
+    let state = Box::into_raw(Box::new(FutureState { future, handle: &instance.handle, done: None, gate }));
     // SAFETY: `out_future` is valid for the call; the host owns the future now.
     unsafe { *out_future = state as *mut ResponseFuture };
     // SAFETY: `state` was just made; `waker` and `out` are valid for the call.
@@ -265,14 +285,20 @@ unsafe fn poll_state(state: &mut FutureState, waker: *const FfiWaker, out: *mut 
 /// the data those pointers will point into.
 fn finish(response: Response, handle: *const tokio::runtime::Handle) -> (ResponseHead, Finished) {
     let Response { status, headers, body } = response;
-    let (body_kind, body, stream) = match body {
-        Body::Bytes(bytes) => (body_kind::BYTES, bytes, std::ptr::null_mut()),
-        Body::Stream(stream) => {
-            let state = StreamState { stream, handle, current: Bytes::new() };
-            (body_kind::STREAM, Bytes::new(), Box::into_raw(Box::new(state)) as *mut BodyStream)
+    let (mut stream, mut io) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let (body_kind, body) = match body {
+        Body::Bytes(bytes) => (body_kind::BYTES, bytes),
+        Body::Stream(body) => {
+            let state = StreamState { stream: body, handle, current: Bytes::new() };
+            stream = Box::into_raw(Box::new(state)) as *mut BodyStream;
+            (body_kind::STREAM, Bytes::new())
+        }
+        Body::Upgrade(upgraded) => {
+            io = Box::into_raw(Box::new(IoState { io: upgraded, handle })) as *mut AppIo;
+            (body_kind::BYTES, Bytes::new())
         }
     };
-    let head = ResponseHead { status, body_kind, stream, ..ResponseHead::EMPTY };
+    let head = ResponseHead { status, body_kind, stream, io, ..ResponseHead::EMPTY };
     (head, Finished { headers, body })
 }
 
@@ -282,6 +308,11 @@ fn finish(response: Response, handle: *const tokio::runtime::Handle) -> (Respons
 unsafe extern "C" fn drop_response(future: *mut ResponseFuture) {
     // SAFETY: `future` came from `handle` and is dropped exactly once.
     let state = unsafe { Box::from_raw(future as *mut FutureState) };
+    // No read of the request body may reach the host once this returns (a
+    // task may still own the body): wait for one that runs, refuse the rest.
+    if let Some(gate) = &state.gate {
+        gate.close();
+    }
     // SAFETY: the instance outlives the future (module rules).
     let handle = unsafe { &*state.handle };
     // A future that completed holds nothing that talks to the runtime any
@@ -331,6 +362,107 @@ unsafe extern "C" fn drop_stream(stream: *mut BodyStream) {
     // SAFETY: `stream` came from `poll_response` and is dropped exactly once.
     let state = unsafe { Box::from_raw(stream as *mut StreamState) };
     // SAFETY: the instance outlives its streams (module rules).
+    let handle = unsafe { &*state.handle };
+    let _entered = handle.enter();
+    // A panic here was logged by the panic hook; there is nothing else to do.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(state)));
+}
+
+/// Polls the app's end of an upgraded connection with the host's waker,
+/// the generation's runtime entered, catching panics.
+///
+/// # Safety
+/// `io` came in a response head of this library, is not dropped yet and is
+/// used by no other thread now; `waker` is lent for the call.
+unsafe fn poll_io<T>(
+    io: *mut AppIo,
+    waker: *const FfiWaker,
+    f: impl FnOnce(Pin<&mut dyn crate::response::UpgradedIo>, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+) -> Result<Poll<std::io::Result<T>>, ()> {
+    // SAFETY: see the function's contract.
+    let state = unsafe { &mut *(io as *mut IoState) };
+    // SAFETY: the instance outlives its upgraded connections (module rules).
+    let handle = unsafe { &*state.handle };
+    catch_unwind(AssertUnwindSafe(|| {
+        let _entered = handle.enter();
+        // SAFETY: `waker` is lent for this call; the host's code stays loaded.
+        unsafe { with_foreign_waker::<(), _>(waker, None, |cx| f(state.io.as_mut(), cx)) }
+    }))
+    .map_err(|_| ())
+}
+
+/// The status for a polled I/O step that returns nothing.
+fn io_code(polled: Result<Poll<std::io::Result<()>>, ()>) -> u32 {
+    match polled {
+        Ok(Poll::Ready(Ok(()))) => status::OK,
+        Ok(Poll::Pending) => status::PENDING,
+        Ok(Poll::Ready(Err(_))) => status::IO_ERROR,
+        Err(()) => status::PANICKED,
+    }
+}
+
+/// # Safety
+/// Called by the host as [`AppVTable::io_read`]: `io` came in a response
+/// head of this library, is not dropped yet and is used by no other thread
+/// now; `waker` is lent for the call; `buf` is `cap` writable bytes and
+/// `out_len` is writable, for the call.
+unsafe extern "C" fn io_read(
+    io: *mut AppIo,
+    waker: *const FfiWaker,
+    buf: *mut u8,
+    cap: usize,
+    out_len: *mut usize,
+) -> u32 {
+    // SAFETY: the host lends `cap` writable bytes at `buf` for the call.
+    let buf = unsafe { std::slice::from_raw_parts_mut(buf, cap) };
+    let mut read = ReadBuf::new(buf);
+    // SAFETY: see the function's contract.
+    let polled = unsafe { poll_io(io, waker, |io, cx| io.poll_read(cx, &mut read)) };
+    // SAFETY: `out_len` is valid for the call.
+    unsafe { *out_len = read.filled().len() };
+    io_code(polled)
+}
+
+/// # Safety
+/// Called by the host as [`AppVTable::io_write`]: as for `io_read`, and
+/// `data` is valid for the call.
+unsafe extern "C" fn io_write(io: *mut AppIo, waker: *const FfiWaker, data: Slice, out_len: *mut usize) -> u32 {
+    // SAFETY: the host lends `data` for the call.
+    let data = unsafe { data.as_bytes() };
+    // SAFETY: see the function's contract.
+    let polled = unsafe { poll_io(io, waker, |io, cx| io.poll_write(cx, data)) };
+    let (code, written) = match polled {
+        Ok(Poll::Ready(Ok(written))) => (status::OK, written),
+        Ok(Poll::Pending) => (status::PENDING, 0),
+        Ok(Poll::Ready(Err(_))) => (status::IO_ERROR, 0),
+        Err(()) => (status::PANICKED, 0),
+    };
+    // SAFETY: `out_len` is valid for the call.
+    unsafe { *out_len = written };
+    code
+}
+
+/// # Safety
+/// Called by the host as [`AppVTable::io_flush`]: as for `io_read`.
+unsafe extern "C" fn io_flush(io: *mut AppIo, waker: *const FfiWaker) -> u32 {
+    // SAFETY: see the function's contract.
+    io_code(unsafe { poll_io(io, waker, |io, cx| io.poll_flush(cx)) })
+}
+
+/// # Safety
+/// Called by the host as [`AppVTable::io_shutdown`]: as for `io_read`.
+unsafe extern "C" fn io_shutdown(io: *mut AppIo, waker: *const FfiWaker) -> u32 {
+    // SAFETY: see the function's contract.
+    io_code(unsafe { poll_io(io, waker, |io, cx| io.poll_shutdown(cx)) })
+}
+
+/// # Safety
+/// Called by the host as [`AppVTable::drop_io`]: `io` came in a response
+/// head of this library and is not dropped yet; this drops it.
+unsafe extern "C" fn drop_io(io: *mut AppIo) {
+    // SAFETY: `io` came from `poll_response` and is dropped exactly once.
+    let state = unsafe { Box::from_raw(io as *mut IoState) };
+    // SAFETY: the instance outlives its upgraded connections (module rules).
     let handle = unsafe { &*state.handle };
     let _entered = handle.enter();
     // A panic here was logged by the panic hook; there is nothing else to do.

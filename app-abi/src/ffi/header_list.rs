@@ -3,19 +3,19 @@
 //! A [`Response`](crate::Response) keeps its headers as [`Header`]s from the
 //! start, so handing them to the host costs no conversion. The host reads
 //! those pointers until `drop_response`, so the rule that keeps them valid
-//! lives here, behind private fields: every [`Slice`] points at a `'static`
-//! string or at a `String` this list owns (a `String` that moves keeps its
-//! heap buffer, so the pointers survive the list being moved).
+//! lives here, behind private fields: every [`Slice`] points at `'static`
+//! bytes or at a buffer this list owns (a `Vec` that moves keeps its heap
+//! buffer, so the pointers survive the list being moved).
 
 use std::borrow::Cow;
 
 use super::abi::{Header, Slice};
 
-/// Header name/value pairs, each a `'static` or an owned string.
+/// Header name/value pairs, each `'static` or owned.
 #[derive(Default)]
 pub(crate) struct HeaderList {
     pairs: Vec<Header>,
-    owned: Vec<String>,
+    owned: Vec<Vec<u8>>,
 }
 
 impl HeaderList {
@@ -25,6 +25,11 @@ impl HeaderList {
 
     /// Adds a pair (it does not replace one of the same name).
     pub(crate) fn push(&mut self, name: Cow<'static, str>, value: Cow<'static, str>) {
+        self.push_bytes(as_bytes(name), as_bytes(value));
+    }
+
+    /// Adds a pair whose value need not be text (the host checks both).
+    pub(crate) fn push_bytes(&mut self, name: Cow<'static, [u8]>, value: Cow<'static, [u8]>) {
         let (name, value) = (self.keep(name), self.keep(value));
         self.pairs.push(Header { name, value });
     }
@@ -34,14 +39,21 @@ impl HeaderList {
         &self.pairs
     }
 
-    fn keep(&mut self, text: Cow<'static, str>) -> Slice {
-        match text {
-            Cow::Borrowed(text) => Slice::from_static(text),
-            Cow::Owned(text) => {
-                let slice = Slice::new(text.as_bytes());
-                self.owned.push(text);
+    fn keep(&mut self, bytes: Cow<'static, [u8]>) -> Slice {
+        match bytes {
+            Cow::Borrowed(bytes) => Slice::new(bytes),
+            Cow::Owned(bytes) => {
+                let slice = Slice::new(&bytes);
+                self.owned.push(bytes);
                 slice
             }
         }
+    }
+}
+
+fn as_bytes(text: Cow<'static, str>) -> Cow<'static, [u8]> {
+    match text {
+        Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+        Cow::Owned(text) => Cow::Owned(text.into_bytes()),
     }
 }

@@ -5,17 +5,22 @@
 //! ([`connect`]); the log forwarder and the panic hook send records through
 //! [`host_log`]. A handler's `Request` wraps a [`HeadRef`] and reads the body
 //! through a [`HostBodyRef`]: both read the host's buffers in place, and their
-//! lifetime `'a` is the request's, which is what makes that sound.
+//! lifetime `'a` is the request's, which is what makes that sound. A body
+//! that must outlive that borrow (moved into a task, or into an
+//! `http::Request`) reads through a [`BodyGate`] instead, which the glue
+//! closes before the host frees the request.
 //!
 //! It sits below the safe API (`request` and `log` use it) and imports
 //! nothing from it.
 
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Waker;
 
-use super::abi::{FfiWaker, Header, HostBody, HostVTable, RequestHead, Slice};
+use bytes::Bytes;
+
+use super::abi::{body_status, FfiWaker, Header, HostBody, HostVTable, RequestHead, Slice, BODY_SIZE_UNKNOWN};
 
 /// What the app side remembers about its host. One library copy serves one
 /// generation, so process-wide statics are per generation.
@@ -89,7 +94,17 @@ impl<'a> HeadRef<'a> {
         self.head.peer.to_socket_addr()
     }
 
-    pub(crate) fn headers(self) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+    /// Whether the host can hand this request's connection over (`101`).
+    pub(crate) fn upgrade(self) -> bool {
+        self.head.upgrade != 0
+    }
+
+    /// The body's exact length, if the host knows it.
+    pub(crate) fn body_size(self) -> Option<u64> {
+        (self.head.body_size != BODY_SIZE_UNKNOWN).then_some(self.head.body_size)
+    }
+
+    pub(crate) fn headers(self) -> impl ExactSizeIterator<Item = (&'a str, &'a [u8])> {
         let headers: &'a [Header] = if self.head.header_count == 0 || self.head.headers.is_null() {
             &[]
         } else {
@@ -130,5 +145,54 @@ impl HostBodyRef<'_> {
         // SAFETY: the host filled `out` for this call and keeps it until the
         // next `body_poll` on this body, which the borrow of `self` rules out.
         (code, unsafe { out.as_bytes() })
+    }
+}
+
+/// The host's request body for a reader that may outlive the request's
+/// borrow. The glue closes the gate in `drop_response`, before the host frees
+/// the body: from then on reading gives `None`. Reading holds the lock, so
+/// closing waits for a read that runs on another thread.
+pub(crate) struct BodyGate {
+    body: Mutex<Option<BodyPtr>>,
+}
+
+struct BodyPtr(*mut HostBody);
+
+// SAFETY: the host's body is a `Send` object behind an opaque pointer, and it
+// is only reached under the gate's lock.
+unsafe impl Send for BodyPtr {}
+
+impl BodyGate {
+    /// # Safety
+    /// `head` was passed by the host to `handle`, and the gate is closed
+    /// before the glue's `drop_response` for that request returns.
+    pub(super) unsafe fn new(head: &RequestHead) -> Arc<BodyGate> {
+        Arc::new(BodyGate { body: Mutex::new(Some(BodyPtr(head.body))) })
+    }
+
+    /// No more reads reach the host.
+    pub(super) fn close(&self) {
+        *self.body.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Polls the host for the next piece of the body, like
+    /// [`HostBodyRef::poll`], copying its bytes out; `None` once the request
+    /// has ended.
+    pub(crate) fn poll(&self, waker: &Waker) -> Option<(u32, Bytes)> {
+        let guard = self.body.lock().unwrap_or_else(|p| p.into_inner());
+        let body = guard.as_ref()?.0;
+        let waker = FfiWaker::borrowed(waker);
+        let mut out = Slice::EMPTY;
+        // SAFETY: the gate is open, so the request (and its body) is alive,
+        // and the lock keeps it so during the call; `waker` and `out` are
+        // valid for the call.
+        let code = unsafe { (host_vtable().body_poll)(body, &waker, &mut out) };
+        let bytes = match code {
+            body_status::PENDING | body_status::END => Bytes::new(),
+            // SAFETY: the host keeps `out` valid until the next `body_poll`
+            // on this body, which the lock (still held) rules out.
+            _ => Bytes::copy_from_slice(unsafe { out.as_bytes() }),
+        };
+        Some((code, bytes))
     }
 }

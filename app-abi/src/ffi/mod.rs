@@ -1,4 +1,6 @@
-//! The C ABI between pounce-host and an app library, version 1.
+//! The C ABI between pounce-host and an app library, version 2 (version 1
+//! plus HTTP upgrades: `RequestHead::upgrade`, `ResponseHead::io`, the
+//! `io_*` entry points).
 //!
 //! Everything that crosses the boundary is defined here as `#[repr(C)]` data
 //! and `extern "C"` functions, so a host and an app built by different rustc
@@ -27,11 +29,18 @@
 //! - A buffer is freed by the side that allocated it. Data the host passes in
 //!   (a [`RequestHead`], a body chunk) is borrowed; data the app passes out
 //!   (a [`ResponseHead`], a stream chunk) is borrowed until the host calls the
-//!   app's `drop_response` / next `poll_chunk` / `drop_stream`.
+//!   app's `drop_response` / next `poll_chunk` / `drop_stream`. An upgraded
+//!   connection's [`AppIo`] belongs to the host from the response on, until
+//!   it calls `drop_io`; bytes cross `io_read` / `io_write` in buffers the
+//!   host lends for the call.
 //! - The host keeps a request's [`RequestHead`] and [`HostBody`] alive until it
 //!   has called `drop_response` for that request's future.
-//! - The host calls `shutdown` only after every future and stream of the
-//!   generation was dropped, and never calls into the library afterwards.
+//! - The host calls `shutdown` only after every future, stream and upgraded
+//!   connection of the generation was dropped, and never calls into the
+//!   library afterwards.
+//! - The app may read a request body after its handler returned (an owned
+//!   body moved into a task): the glue's `drop_response` closes that
+//!   body's gate first, so no `body_poll` reaches the host after it.
 
 pub(crate) mod abi;
 mod glue;
@@ -40,9 +49,9 @@ pub(crate) mod host;
 mod waker;
 
 pub use abi::{
-    body_kind, body_status, level, status, version, AppInstance, AppVTable, BodyStream, EntryFn, FfiWaker,
+    body_kind, body_status, level, status, version, AppInstance, AppIo, AppVTable, BodyStream, EntryFn, FfiWaker,
     FfiWakerVTable, Header, HostBody, HostVTable, InitContextC, OwnedString, PeerAddr, RequestHead, ResponseFuture,
-    ResponseHead, Slice, ABI_VERSION, ENTRY_SYMBOL,
+    ResponseHead, Slice, ABI_VERSION, BODY_SIZE_UNKNOWN, ENTRY_SYMBOL,
 };
 #[doc(hidden)]
 pub use glue::vtable;

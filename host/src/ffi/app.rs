@@ -19,6 +19,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::library::Library;
 use super::pins::{self, Pins};
@@ -262,7 +264,7 @@ impl OpenedLibrary {
         };
         match check_table(entry) {
             Ok(vtable) => {
-                // SAFETY: `check_table` verified a full v1 table, static in
+                // SAFETY: `check_table` verified a full table of this ABI version, static in
                 // the library, whose strings are static too.
                 let (name, version, abi_crate_version) = unsafe {
                     let table = &*vtable;
@@ -440,7 +442,7 @@ impl RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
-            // Trailers are not offered to apps in ABI v1.
+            // Trailers are not offered to apps (ABI v2).
             let Ok(data) = frame.into_data() else { continue };
             if data.is_empty() {
                 continue;
@@ -494,6 +496,10 @@ pub enum CallError {
     InvalidResponse(String),
 }
 
+fn invalid(why: &str) -> CallError {
+    CallError::InvalidResponse(why.to_owned())
+}
+
 /// The body of an app's response.
 pub enum AppBody {
     Full(Bytes),
@@ -508,6 +514,16 @@ pub struct AppResponse {
     /// The request body went over the limit while the app read it: the
     /// client must get `413` whatever the app answered.
     pub body_over_limit: bool,
+    /// A `101`: the client's connection, once hyper hands it over, and the
+    /// app's end to join it to.
+    pub upgrade: Option<Upgrade>,
+}
+
+/// An accepted upgrade: hyper's promise of the client's connection, and the
+/// app's end of it.
+pub struct Upgrade {
+    pub on_upgrade: OnUpgrade,
+    pub io: AppIo,
 }
 
 /// A request in flight inside an app: a future of its response head.
@@ -590,11 +606,17 @@ impl AppCall {
 
     /// Copies the response head out of the app.
     fn take(&mut self, head: &ResponseHead) -> Result<AppResponse, CallError> {
-        let stream = (head.body_kind == body_kind::STREAM && !head.stream.is_null()).then(|| AppStream {
-            // SAFETY: `request` is live until `finish` below.
-            lease: unsafe { (*self.request).lease.clone() },
-            stream: head.stream,
-        });
+        // SAFETY: `request` is live until `finish` below.
+        let lease = unsafe { &(*self.request).lease };
+        let stream = (head.body_kind == body_kind::STREAM && !head.stream.is_null())
+            .then(|| AppStream { lease: lease.clone(), stream: head.stream });
+        let io = (!head.io.is_null()).then(|| AppIo { lease: lease.clone(), io: head.io });
+        // SAFETY: `request` is live until `finish` below. Only the
+        // `extensions` field is borrowed mutably: the head the app was lent
+        // points at other fields.
+        let (version, extensions) = unsafe { ((*self.request).parts.version, &mut (*self.request).parts.extensions) };
+        // Only what `fill_head` offered: HTTP/1.1 (not an HTTP/2 CONNECT).
+        let on_upgrade = (version == Version::HTTP_11).then(|| extensions.remove::<OnUpgrade>()).flatten();
         // SAFETY: `head` was filled by `poll_response` returning OK and the
         // future is not dropped yet (that happens in `finish`, below).
         let parsed = unsafe { parse_head(head) };
@@ -605,7 +627,14 @@ impl AppCall {
         };
         let body_over_limit = self.finish();
         let (status, headers) = parsed?;
-        Ok(AppResponse { status, headers, body, body_over_limit })
+        let upgrade = match (status == StatusCode::SWITCHING_PROTOCOLS, io, on_upgrade) {
+            (false, None, _) => None,
+            (true, Some(io), Some(on_upgrade)) => Some(Upgrade { on_upgrade, io }),
+            (true, None, _) => return Err(invalid("status 101 without taking the connection")),
+            (true, Some(_), None) => return Err(invalid("status 101 to a request that cannot be upgraded")),
+            (false, Some(_), _) => return Err(invalid("took the connection without status 101")),
+        };
+        Ok(AppResponse { status, headers, body, body_over_limit, upgrade })
     }
 }
 
@@ -620,6 +649,8 @@ fn empty_head(peer: PeerAddr) -> RequestHead {
         header_count: 0,
         peer,
         body: std::ptr::null_mut(),
+        body_size: abi::BODY_SIZE_UNKNOWN,
+        upgrade: 0,
     }
 }
 
@@ -632,6 +663,13 @@ fn fill_head(pending: &mut PendingRequest, body: *mut HostBody) {
         .map(|(name, value)| Header { name: Slice::new(name.as_str().as_bytes()), value: Slice::new(value.as_bytes()) })
         .collect();
     let query = parts.uri.query();
+    // hyper offers the connection of an HTTP/1.1 request with `Upgrade`
+    // (HTTP/2 CONNECT streams are not offered to apps).
+    let upgrade = parts.version == Version::HTTP_11 && parts.extensions.get::<OnUpgrade>().is_some();
+    let body_size = match pending.body.incoming.is_end_stream() {
+        true => 0,
+        false => pending.body.incoming.size_hint().exact().unwrap_or(abi::BODY_SIZE_UNKNOWN),
+    };
     pending.head = RequestHead {
         method: Slice::new(parts.method.as_str().as_bytes()),
         path: Slice::new(parts.uri.path().as_bytes()),
@@ -641,6 +679,8 @@ fn fill_head(pending: &mut PendingRequest, body: *mut HostBody) {
         headers: pending.headers.as_ptr(),
         header_count: pending.headers.len(),
         body,
+        body_size,
+        upgrade: u8::from(upgrade),
         ..pending.head
     };
 }
@@ -756,5 +796,83 @@ impl Drop for AppStream {
         // SAFETY: the stream is live and dropped exactly once, before the
         // lease (a field dropped after this runs).
         unsafe { (self.lease.app().vtable().drop_stream)(self.stream) };
+    }
+}
+
+/// The app's end of an upgraded connection: what the client sends is
+/// written to it, what the app sends is read from it.
+pub struct AppIo {
+    lease: Arc<dyn Lease>,
+    io: *mut AppIo_,
+}
+
+/// The app's opaque type, named apart from the host's wrapper.
+type AppIo_ = app_abi::ffi::AppIo;
+
+// SAFETY: the app's end is `Send` (app-abi requires it) and owned here.
+unsafe impl Send for AppIo {}
+// SAFETY: `&AppIo` gives no access to the app's end (I/O takes `&mut`).
+unsafe impl Sync for AppIo {}
+
+impl AppIo {
+    /// Calls one `io_*` entry point with the task's waker.
+    fn call(&mut self, cx: &mut Context<'_>, f: impl FnOnce(&AppVTable, *mut AppIo_, &FfiWaker) -> u32) -> u32 {
+        let waker = FfiWaker::borrowed(cx.waker());
+        f(self.lease.app().vtable(), self.io, &waker)
+    }
+}
+
+fn io_result<T>(code: u32, value: T) -> Poll<std::io::Result<T>> {
+    match code {
+        status::OK => Poll::Ready(Ok(value)),
+        status::PENDING => Poll::Pending,
+        status::IO_ERROR => Poll::Ready(Err(std::io::Error::other("the app's end of the connection failed"))),
+        _ => Poll::Ready(Err(std::io::Error::other("the app panicked on an upgraded connection"))),
+    }
+}
+
+impl AsyncRead for AppIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let unfilled = buf.initialize_unfilled();
+        let (ptr, cap) = (unfilled.as_mut_ptr(), unfilled.len());
+        let mut read = 0;
+        // SAFETY: the app's end is live until `Drop`; `ptr` is `cap`
+        // initialized, writable bytes and `read` is writable, for the call.
+        let code = self.get_mut().call(cx, |app, io, waker| unsafe { (app.io_read)(io, waker, ptr, cap, &mut read) });
+        let polled = io_result(code, ());
+        if polled.is_ready() {
+            buf.advance(read.min(cap));
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for AppIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut written = 0;
+        // SAFETY: the app's end is live until `Drop`; `data` and `written`
+        // are valid for the call.
+        let code = self
+            .get_mut()
+            .call(cx, |app, io, waker| unsafe { (app.io_write)(io, waker, Slice::new(data), &mut written) });
+        io_result(code, written.min(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // SAFETY: the app's end is live until `Drop`; `waker` is valid for the call.
+        io_result(self.get_mut().call(cx, |app, io, waker| unsafe { (app.io_flush)(io, waker) }), ())
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // SAFETY: the app's end is live until `Drop`; `waker` is valid for the call.
+        io_result(self.get_mut().call(cx, |app, io, waker| unsafe { (app.io_shutdown)(io, waker) }), ())
+    }
+}
+
+impl Drop for AppIo {
+    fn drop(&mut self) {
+        // SAFETY: the app's end is live and dropped exactly once, before the
+        // lease (a field dropped after this runs).
+        unsafe { (self.lease.app().vtable().drop_io)(self.io) };
     }
 }

@@ -4,10 +4,11 @@
 //! the raw clock, and small process queries (user id, thread priority,
 //! descriptors, signals, shared counters).
 //!
-//! The rest of the host is safe code that uses three types from here:
+//! The rest of the host is safe code that uses four types from here:
 //! [`LoadedApp`] (one opened library with its initialized app), [`AppCall`]
-//! (one request in flight inside an app) and [`AppStream`] (a streamed
-//! response body produced by an app). Each of them holds what keeps the
+//! (one request in flight inside an app), [`AppStream`] (a streamed
+//! response body produced by an app) and `AppIo` (the app's end of an
+//! upgraded connection). Each of them holds what keeps the
 //! library's code loaded for as long as the host may call into it.
 
 mod app;
@@ -22,6 +23,6 @@ pub mod unload_guard;
 
 pub use app::{
     kept_mapped, AppBody, AppCall, AppInfo, AppResponse, AppStream, CallError, Lease, LoadedApp, OpenError,
-    OpenedLibrary, Unloaded,
+    OpenedLibrary, Unloaded, Upgrade,
 };
 pub use pins::{PinningSignal, PinningThread, Pins};

@@ -33,13 +33,21 @@
 //! The sweep runs every [`SWEEP`], and activity is stamped with a clock of
 //! that resolution (rounded up), so a deadline is enforced never early and
 //! at most two sweeps late.
+//!
+//! An upgraded connection (a `101` answer: a WebSocket, say) has no
+//! deadline: once hyper hands the socket over, the same task runs the
+//! session the request path left in [`Connection::upgrade`] (joining the
+//! client to the app's end), until either side ends it, its generation is
+//! retired (`reload_timeout`) or the connection is closed (the end of a
+//! shutdown). Asking it to finish does nothing: the app ends it the
+//! protocol's way when its generation drains.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -208,7 +216,18 @@ pub struct Connection {
     /// Accepted during a shutdown: answered `503`, not asked to finish.
     accepted_in_shutdown: bool,
     control: Control,
+    /// A request that may be answered `101` is in flight: asking the
+    /// connection to finish must not touch hyper's keep-alive now (hyper
+    /// would add `close` to the `101`'s `Connection: upgrade`).
+    upgrading: AtomicBool,
+    /// A `101` was answered: the connection has no deadlines any more.
+    upgraded: AtomicBool,
+    /// What runs once hyper hands the upgraded socket over.
+    session: Mutex<Option<Session>>,
 }
+
+/// An upgraded connection's life after the `101`.
+pub type Session = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Connection {
     /// Notes that an app request of `generation` runs on this connection.
@@ -216,9 +235,27 @@ impl Connection {
         self.generation.store(generation, Ordering::Relaxed);
     }
 
-    /// Whether a request of `generation` (or older) may still be running here.
+    /// Whether a request or an upgraded connection of `generation` (or
+    /// older) may still be running here.
     pub fn may_hold(&self, generation: u64) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0 && self.generation.load(Ordering::Relaxed) <= generation
+        (self.in_flight.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Acquire))
+            && self.generation.load(Ordering::Relaxed) <= generation
+    }
+
+    /// Whether a request that may be answered `101` is in flight.
+    pub fn set_upgrading(&self, upgrading: bool) {
+        self.upgrading.store(upgrading, Ordering::Release);
+    }
+
+    /// The response being sent is a `101`: after it, `session` runs on this
+    /// connection instead of HTTP.
+    pub fn upgrade(&self, session: Session) {
+        self.upgraded.store(true, Ordering::Release);
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+    }
+
+    fn take_session(&self) -> Option<Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Whether the connection is known to speak HTTP/2.
@@ -290,7 +327,7 @@ impl Connection {
     /// When to close the connection unless something happens; `None` while
     /// a request is in flight.
     fn deadline(&self) -> Option<Instant> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        if self.in_flight.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Acquire) {
             return None;
         }
         let rules = &self.rules;
@@ -448,6 +485,9 @@ impl Connection {
             http2: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             control: Control { state: AtomicU8::new(SERVE), waker: AtomicWaker::new() },
+            upgrading: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
+            session: Mutex::new(None),
         }
     }
 }
@@ -466,30 +506,60 @@ where
 {
     let peer = connection.peer.clone();
     let io = TokioIo::new(Watched { stream, connection: connection.clone() });
-    let conn = http.serve_connection(io, service);
-    tokio::pin!(conn);
     let mut seen = SERVE;
+    // In a block, so hyper's connection is dropped before an upgraded
+    // session starts: if it ended without handing the socket over, that
+    // drop is what tells the session.
+    {
+        let conn = http.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        loop {
+            let step = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                Poll::Ready(ended) => Poll::Ready(Err(ended)),
+                Poll::Pending => connection.control.poll_change(cx, seen).map(Ok),
+            })
+            .await;
+            match step {
+                Err(ended) => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                    break;
+                }
+                Ok(FINISH) => {
+                    seen = FINISH;
+                    // An upgrade request in flight is answered as it comes
+                    // (with `Connection: close` unless it is a `101`).
+                    if !connection.upgrading.load(Ordering::Acquire) {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                Ok(_) => {
+                    tracing::debug!(%peer, "closing the connection");
+                    break;
+                }
+            }
+        }
+    }
+    let Some(mut session) = connection.take_session() else { return };
+    if connection.control.state.load(Ordering::Acquire) == CLOSE {
+        return;
+    }
+    // Upgraded: the session runs until it ends or the connection is closed;
+    // a request to finish is the app's to honour (its drain signal).
     loop {
-        let step = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-            Poll::Ready(ended) => Poll::Ready(Err(ended)),
-            Poll::Pending => connection.control.poll_change(cx, seen).map(Ok),
+        let step = std::future::poll_fn(|cx| match session.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => connection.control.poll_change(cx, seen).map(Some),
         })
         .await;
         match step {
-            Err(ended) => {
-                if let Err(e) = ended {
-                    tracing::debug!(%peer, "connection ended: {e}");
-                }
+            None => return,
+            Some(CLOSE) => {
+                tracing::debug!(%peer, "closing the upgraded connection");
                 return;
             }
-            Ok(FINISH) => {
-                seen = FINISH;
-                conn.as_mut().graceful_shutdown();
-            }
-            Ok(_) => {
-                tracing::debug!(%peer, "closing the connection");
-                return;
-            }
+            Some(state) => seen = state,
         }
     }
 }

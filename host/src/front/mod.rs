@@ -1,9 +1,9 @@
 //! The HTTP front: the listening socket and accept loop ([`listener`]),
 //! one connection and its deadlines ([`connection`]), the registry of open
 //! connections ([`connections`]), the request path ([`service`]) with the
-//! host's own answers ([`host`]), the response body ([`body`]) and the
-//! per-request record ([`access`]); HTTPS ([`tls`]). [`Server`] is what
-//! they share.
+//! host's own answers ([`host`]), the response body ([`body`]), the
+//! per-request record ([`access`]), upgraded connections ([`upgrade`]);
+//! HTTPS ([`tls`]). [`Server`] is what they share.
 //!
 //! Imports `generations`, `operations`, `config` and `ffi`; nothing above.
 
@@ -17,5 +17,6 @@ pub mod listener;
 pub mod server;
 pub mod service;
 pub mod tls;
+pub mod upgrade;
 
 pub use server::Server;

@@ -51,6 +51,7 @@ impl Server {
             uptime: self.reporter.uptime(),
             in_flight: self.current.in_flight(),
             connections: self.connections.count(),
+            upgraded: self.current.upgraded(),
             draining: self.current.draining().len(),
             pinned_generations: crate::generations::pinned_generations(),
             last_reload: self.reporter.last_reload(),

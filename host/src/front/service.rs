@@ -9,6 +9,9 @@
 //!    app. An answer that is ready at the first poll goes straight out (no
 //!    timer, no extra task); one that is not races `request_timeout` and the
 //!    generation's retirement.
+//! 5. A `101` that takes the connection over leaves its session (see
+//!    `upgrade`) on the connection, which runs it once hyper has sent the
+//!    `101` and handed the socket over.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -25,10 +28,11 @@ use super::connection::{Activity, Connection};
 use super::host;
 use super::host::{host_answer, too_large};
 use super::server::Server;
+use super::upgrade;
 use crate::config::format_duration;
 use crate::ffi::{AppBody, AppCall, AppResponse, CallError};
 use crate::generations::stalls::{self, CallKind};
-use crate::generations::InFlight;
+use crate::generations::{InFlight, UpgradedLease};
 
 pub async fn handle(
     request: Request<Incoming>,
@@ -45,8 +49,9 @@ pub async fn handle(
         record.answered(response.status().as_u16(), generation);
     }
     response.body_mut().attach(activity, record);
-    if server.connections.is_retiring() {
-        // A retiring worker's client should take its next request elsewhere.
+    if server.connections.is_retiring() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // A retiring worker's client should take its next request elsewhere
+        // (an upgraded connection is cut at reload_timeout instead).
         response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }
     Ok(response)
@@ -81,13 +86,25 @@ async fn answer(
     let generation = server.current.lease();
     let number = generation.number();
     connection.serves(number);
+    let may_upgrade = request.version() == http::Version::HTTP_11
+        && request.extensions().get::<hyper::upgrade::OnUpgrade>().is_some();
+    connection.set_upgrading(may_upgrade);
     let in_flight = InFlight::start(generation.clone());
     // What the stall watchdog names if the handler blocks (cheap: standard
     // methods are constants, a URI shares its bytes).
     let head = (request.method().clone(), request.uri().clone());
     let call = AppCall::start(generation, request, connection.peer.ip(), config.max_body_size);
     let outcome = run(call, &in_flight, config.request_timeout, head).await;
-    (respond(outcome, in_flight, config.max_body_size), Some(number))
+    let mut response = respond(outcome, in_flight, config.max_body_size, connection);
+    if may_upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        connection.set_upgrading(false);
+        if server.is_shutting_down() {
+            // The shutdown's request to finish skipped this connection while
+            // it might upgrade: close it after this answer.
+            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+    }
+    (response, Some(number))
 }
 
 /// A request's method and URI.
@@ -126,11 +143,16 @@ async fn run(mut call: AppCall, in_flight: &InFlight, timeout: std::time::Durati
     }
 }
 
-fn respond(outcome: Outcome, in_flight: InFlight, max_body_size: u64) -> Response<ResponseBody> {
+fn respond(
+    outcome: Outcome,
+    in_flight: InFlight,
+    max_body_size: u64,
+    connection: &Connection,
+) -> Response<ResponseBody> {
     let generation = in_flight.generation.number();
     match outcome {
         Outcome::Answered(answer) if answer.body_over_limit => too_large(max_body_size),
-        Outcome::Answered(answer) => app_response(answer, in_flight),
+        Outcome::Answered(answer) => app_response(answer, in_flight, connection),
         Outcome::Failed(CallError::Panicked) => {
             tracing::warn!(generation, "request handler panicked; answered 500");
             host_answer(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n", false)
@@ -152,8 +174,14 @@ fn respond(outcome: Outcome, in_flight: InFlight, max_body_size: u64) -> Respons
     }
 }
 
-fn app_response(answer: AppResponse, in_flight: InFlight) -> Response<ResponseBody> {
-    let AppResponse { status, headers, body, .. } = answer;
+fn app_response(answer: AppResponse, in_flight: InFlight, connection: &Connection) -> Response<ResponseBody> {
+    let AppResponse { status, headers, body, upgrade, .. } = answer;
+    if let Some(upgrade) = upgrade {
+        // Counted in the generation from now on, so a drain cannot miss it
+        // between the `101` and the session's start.
+        let lease = UpgradedLease::start(in_flight.generation.clone());
+        connection.upgrade(Box::pin(upgrade::session(upgrade, lease)));
+    }
     let body = match body {
         AppBody::Full(bytes) => ResponseBody::full(bytes, Some(in_flight)),
         AppBody::Stream(stream) => ResponseBody::stream(stream, in_flight),

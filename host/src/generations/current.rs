@@ -48,6 +48,11 @@ impl Current {
     pub fn in_flight(&self) -> usize {
         self.slot.load().in_flight() + lock(&self.draining).iter().map(|g| g.in_flight()).sum::<usize>()
     }
+
+    /// Open upgraded connections across the current and the draining generations.
+    pub fn upgraded(&self) -> usize {
+        self.slot.load().upgraded() + lock(&self.draining).iter().map(|g| g.upgraded()).sum::<usize>()
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

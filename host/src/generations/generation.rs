@@ -24,7 +24,10 @@ pub struct Generation {
     app: Option<LoadedApp>,
     /// Requests whose response has not ended yet.
     in_flight: AtomicUsize,
-    /// Wakes whoever waits for `in_flight` to reach zero.
+    /// Upgraded connections (WebSockets...) this generation accepted that
+    /// are still open.
+    upgraded: AtomicUsize,
+    /// Wakes whoever waits for `in_flight` and `upgraded` to reach zero.
     idle: Notify,
     /// Set when the generation is retired with requests still running: they
     /// are cancelled (their responses end, their connections close).
@@ -39,6 +42,7 @@ impl Generation {
             number,
             app: Some(app),
             in_flight: AtomicUsize::new(0),
+            upgraded: AtomicUsize::new(0),
             idle: Notify::new(),
             cancel: watch::Sender::new(false),
             unload_timeout,
@@ -84,11 +88,21 @@ impl Generation {
         }
     }
 
-    /// Completes when no request of this generation is in flight.
+    pub fn upgraded(&self) -> usize {
+        self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight and upgraded connections: what a drain waits for.
+    pub fn busy(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire) + self.upgraded.load(Ordering::Acquire)
+    }
+
+    /// Completes when no request of this generation is in flight and none
+    /// of its upgraded connections is open.
     pub async fn idle(&self) {
         loop {
             let notified = self.idle.notified();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
+            if self.busy() == 0 {
                 return;
             }
             notified.await;
@@ -154,5 +168,27 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.generation.request_ended();
+    }
+}
+
+/// An upgraded connection (a WebSocket, say) of a generation: it holds the
+/// generation's lease and counts in it until the connection ends, so a
+/// drain waits for it (at most `reload_timeout`, then it is cancelled).
+pub struct UpgradedLease {
+    pub generation: Arc<Generation>,
+}
+
+impl UpgradedLease {
+    pub fn start(generation: Arc<Generation>) -> UpgradedLease {
+        generation.upgraded.fetch_add(1, Ordering::AcqRel);
+        UpgradedLease { generation }
+    }
+}
+
+impl Drop for UpgradedLease {
+    fn drop(&mut self) {
+        if self.generation.upgraded.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.generation.idle.notify_waiters();
+        }
     }
 }

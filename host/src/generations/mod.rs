@@ -16,7 +16,7 @@ pub mod trust;
 mod unload;
 
 pub use current::Current;
-pub use generation::{Generation, InFlight};
+pub use generation::{Generation, InFlight, UpgradedLease};
 pub use unload::{begin_exit, wait_for_unloads};
 
 /// How many app libraries have been left mapped on purpose (threads,

@@ -3,10 +3,11 @@
 //! 1. The app is told (`drain`): it gets no new requests, and long-lived
 //!    responses should end soon. No new request can reach it anyway: it is
 //!    no longer current.
-//! 2. Its in-flight requests and response streams run to completion, for at
-//!    most `reload_timeout`.
+//! 2. Its in-flight requests, response streams and upgraded connections
+//!    (WebSockets: the app closes them on its drain signal) run to
+//!    completion, for at most `reload_timeout`.
 //! 3. Then it is retired: whatever still runs in it is cancelled (responses
-//!    end, their connections close). The library is released when its last
+//!    end, upgraded connections are cut, their connections close). The library is released when its last
 //!    lease is dropped (see [`Generation`]'s `Drop`).
 
 use std::sync::Arc;
@@ -30,7 +31,7 @@ async fn settled(generation: &Generation) {
     loop {
         generation.idle().await;
         tokio::time::sleep(SETTLE).await;
-        if generation.in_flight() == 0 {
+        if generation.busy() == 0 {
             return;
         }
     }
@@ -41,13 +42,18 @@ pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
     let started = Instant::now();
     old.drain_in_background();
     server.current.add_draining(old.clone());
-    server.reporter.emit(Event::GenerationDraining { generation: number, in_flight: old.in_flight() });
+    server.reporter.emit(Event::GenerationDraining {
+        generation: number,
+        in_flight: old.in_flight(),
+        upgraded: old.upgraded(),
+    });
     let timeout = server.config.reload_timeout;
     let timed_out = tokio::time::timeout(timeout, settled(&old)).await.is_err();
     if timed_out {
         tracing::warn!(
             generation = number,
             in_flight = old.in_flight(),
+            upgraded = old.upgraded(),
             "generation {number} still busy after reload_timeout ({}); cancelling what remains",
             format_duration(timeout)
         );

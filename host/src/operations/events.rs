@@ -53,6 +53,7 @@ pub enum Event<'a> {
     GenerationDraining {
         generation: u64,
         in_flight: usize,
+        upgraded: usize,
     },
     GenerationRetired {
         generation: u64,
@@ -203,9 +204,13 @@ impl Event<'_> {
                 generation,
                 "shutdown began during the reload; generation {generation} is not published"
             ),
-            Event::GenerationDraining { generation, in_flight } => {
-                tracing::info!(event = "generation_draining", generation, in_flight, "generation {generation} draining")
-            }
+            Event::GenerationDraining { generation, in_flight, upgraded } => tracing::info!(
+                event = "generation_draining",
+                generation,
+                in_flight,
+                upgraded,
+                "generation {generation} draining"
+            ),
             Event::GenerationRetired { generation, drain, timed_out } => tracing::info!(
                 event = "generation_retired",
                 generation,

@@ -25,7 +25,10 @@ pub struct Snapshot {
     pub generation: u64,
     pub uptime: Duration,
     pub in_flight: usize,
+    /// Open connections, upgraded ones included.
     pub connections: usize,
+    /// Open upgraded connections (WebSockets...).
+    pub upgraded: usize,
     pub draining: usize,
     /// App libraries left mapped on purpose so far (a counter).
     pub pinned_generations: u64,
@@ -71,6 +74,7 @@ impl Snapshot {
             "uptime_seconds": self.uptime.as_secs_f64(),
             "in_flight": self.in_flight,
             "connections": self.connections,
+            "upgraded_connections": self.upgraded,
             "draining_generations": self.draining,
             "last_reload": self.last_reload,
         });

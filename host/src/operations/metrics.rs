@@ -130,6 +130,7 @@ pub struct Metrics {
     drain_duration: Family<DrainLabels, Histogram>,
     in_flight: Gauge,
     connections: Gauge,
+    upgraded: Gauge,
     generation: Gauge,
     draining: Gauge,
     /// Requests by status class 1xx..5xx, for process mode's service totals.
@@ -182,7 +183,8 @@ impl Metrics {
             gauge
         };
         let in_flight = gauge(&mut registry, "in_flight_requests", "Requests whose response has not ended");
-        let connections = gauge(&mut registry, "open_connections", "Open client connections");
+        let connections = gauge(&mut registry, "open_connections", "Open client connections, upgraded ones included");
+        let upgraded = gauge(&mut registry, "upgraded_connections", "Open upgraded connections (WebSockets...)");
         let generation = gauge(&mut registry, "current_generation", "Generation serving new requests");
         let draining = gauge(&mut registry, "draining_generations", "Replaced generations still draining");
         let pinned = Counter::default();
@@ -207,6 +209,7 @@ impl Metrics {
             drain_duration,
             in_flight,
             connections,
+            upgraded,
             generation,
             draining,
             by_class: Default::default(),
@@ -279,6 +282,7 @@ impl Metrics {
         let as_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.in_flight.set(as_gauge(snapshot.in_flight as u64));
         self.connections.set(as_gauge(snapshot.connections as u64));
+        self.upgraded.set(as_gauge(snapshot.upgraded as u64));
         self.generation.set(as_gauge(snapshot.generation));
         self.draining.set(as_gauge(snapshot.draining as u64));
         // A count kept elsewhere that only grows: mirrored, not incremented.
@@ -328,6 +332,7 @@ mod tests {
             last_reload: None,
             service: None,
             pinned_generations: 0,
+            upgraded: 0,
         }
     }
 

@@ -34,9 +34,10 @@ pub enum FromWorker {
     /// The library could not be loaded; the worker exits.
     LoadFailed { reason: String },
     /// The worker's event loop runs (sent every [`BEAT`]), with its figures:
+    /// `connections` counts the `upgraded` ones (WebSockets...) too;
     /// `requests` by status class 1xx..5xx, counted since it started (with
     /// `--metrics-path` on; zeros otherwise).
-    Beat { in_flight: usize, connections: usize, requests: [u64; 5] },
+    Beat { in_flight: usize, connections: usize, upgraded: usize, requests: [u64; 5] },
 }
 
 /// What the supervisor tells a worker.
@@ -115,7 +116,7 @@ mod tests {
         let (mut at_worker, mut worker_out) = open::<ToWorker, FromWorker>(b).unwrap();
         let ready = FromWorker::Ready { app: "a".into(), app_version: "1".into(), load_ms: 1.5, init_ms: 0.5 };
         worker_out.send(&ready).await.unwrap();
-        let beat = FromWorker::Beat { in_flight: 2, connections: 3, requests: [0, 9, 0, 1, 0] };
+        let beat = FromWorker::Beat { in_flight: 2, connections: 3, upgraded: 1, requests: [0, 9, 0, 1, 0] };
         worker_out.send(&beat).await.unwrap();
         to_worker.send(&ToWorker::Retire).await.unwrap();
         assert_eq!(from_worker.next().await, Some(ready));

@@ -85,6 +85,7 @@ struct Worker {
     last_beat: Instant,
     connections: usize,
     in_flight: usize,
+    upgraded: usize,
     /// Killed for not beating: its exit is a failure, not expected.
     hung: bool,
     orders: mpsc::UnboundedSender<ToWorker>,
@@ -386,6 +387,7 @@ impl Supervisor {
             last_beat: now,
             connections: 0,
             in_flight: 0,
+            upgraded: 0,
             hung: false,
             orders,
         };
@@ -433,8 +435,9 @@ impl Supervisor {
         let Some(worker) = self.workers.get_mut(&pid) else { return };
         worker.last_beat = Instant::now();
         match message {
-            FromWorker::Beat { in_flight, connections, requests } => {
+            FromWorker::Beat { in_flight, connections, upgraded, requests } => {
                 worker.in_flight = in_flight;
+                worker.upgraded = upgraded;
                 worker.connections = connections;
                 self.totals.reported(pid, requests);
             }
@@ -529,17 +532,19 @@ impl Supervisor {
     /// Tells every worker of an older generation to retire.
     fn retire_all_but(&mut self, generation: u64) {
         let now = Instant::now();
-        let mut retiring: HashMap<u64, usize> = HashMap::new();
+        let mut retiring: HashMap<u64, (usize, usize)> = HashMap::new();
         for worker in self.workers.values_mut().filter(|w| w.generation != generation) {
             if matches!(worker.state, State::Starting | State::Serving) {
                 worker.state = State::Retiring(now);
                 let _ = worker.orders.send(ToWorker::Retire);
-                *retiring.entry(worker.generation).or_default() += worker.in_flight;
+                let busy = retiring.entry(worker.generation).or_default();
+                busy.0 += worker.in_flight;
+                busy.1 += worker.upgraded;
             }
         }
-        for (old, in_flight) in retiring {
+        for (old, (in_flight, upgraded)) in retiring {
             self.draining.entry(old).or_insert(now);
-            self.reporter.emit(Event::GenerationDraining { generation: old, in_flight });
+            self.reporter.emit(Event::GenerationDraining { generation: old, in_flight, upgraded });
         }
     }
 

@@ -152,6 +152,7 @@ async fn beat(server: Arc<Server>, mut reports: ToSupervisor) {
         let beat = FromWorker::Beat {
             in_flight: server.current.in_flight(),
             connections: server.connections.count(),
+            upgraded: server.current.upgraded(),
             requests: server.reporter.metrics().map_or([0; 5], |metrics| metrics.requests_by_class()),
         };
         if reports.send(&beat).await.is_err() {

@@ -11,6 +11,7 @@
 //! which worker answered), `criterion` (the request-path micro-benchmark),
 //! `report` (figures, targets, Markdown).
 
+pub mod axum;
 mod crash;
 mod criterion;
 mod events;
