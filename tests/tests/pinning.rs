@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use pounce_tests::{get, replace_file, sample_app, Server, TempDir};
 
-/// The ABI types (`app-abi/src/ffi/abi.rs`, version 1) and a minimal app:
+/// The ABI types (`app-abi/src/ffi/abi.rs`, version 2) and a minimal app:
 /// `GET` anything answers `200 fixture ok`. Each fixture adds `fixture_init`
 /// (0 on success, or a static error message) and may add more code.
 const PRELUDE: &str = r#"
@@ -38,7 +38,7 @@ typedef struct {
 } InitContextC;
 typedef struct {
     uint16_t status; const Header *headers; size_t header_count;
-    uint32_t body_kind; Slice body; void *stream;
+    uint32_t body_kind; Slice body; void *stream; void *io;
 } ResponseHead;
 typedef struct {
     uint32_t abi_version; uint32_t size;
@@ -49,6 +49,11 @@ typedef struct {
     void (*drop_response)(void *);
     uint32_t (*poll_chunk)(void *, const FfiWaker *, Slice *);
     void (*drop_stream)(void *);
+    uint32_t (*io_read)(void *, const FfiWaker *, uint8_t *, size_t, size_t *);
+    uint32_t (*io_write)(void *, const FfiWaker *, Slice, size_t *);
+    uint32_t (*io_flush)(void *, const FfiWaker *);
+    uint32_t (*io_shutdown)(void *, const FfiWaker *);
+    void (*drop_io)(void *);
     void (*drain)(const void *);
     uint32_t (*shutdown)(void *, uint64_t);
     void (*free_string)(OwnedString);
@@ -74,7 +79,7 @@ static uint32_t app_init(const InitContextC *ctx, void **out_app, OwnedString *o
 }
 static uint32_t app_handle(const void *app, const void *head, const FfiWaker *waker, ResponseHead *out, void **out_future) {
     (void)app; (void)head; (void)waker;
-    *out = (ResponseHead){ 200, NULL, 0, 0, S(body), NULL };
+    *out = (ResponseHead){ 200, NULL, 0, 0, S(body), NULL, NULL };
     *out_future = &future;
     return OK;
 }
@@ -82,14 +87,21 @@ static uint32_t app_poll_response(void *f, const FfiWaker *w, ResponseHead *out)
 static void app_drop_response(void *f) { (void)f; }
 static uint32_t app_poll_chunk(void *s, const FfiWaker *w, Slice *out) { (void)s; (void)w; (void)out; return 5; }
 static void app_drop_stream(void *s) { (void)s; }
+/* No upgrades: the host never calls these for this app. */
+static uint32_t app_io_read(void *io, const FfiWaker *w, uint8_t *b, size_t c, size_t *n) { (void)io; (void)w; (void)b; (void)c; (void)n; return 7; }
+static uint32_t app_io_write(void *io, const FfiWaker *w, Slice d, size_t *n) { (void)io; (void)w; (void)d; (void)n; return 7; }
+static uint32_t app_io_flush(void *io, const FfiWaker *w) { (void)io; (void)w; return 7; }
+static uint32_t app_io_shutdown(void *io, const FfiWaker *w) { (void)io; (void)w; return 7; }
+static void app_drop_io(void *io) { (void)io; }
 static void app_drain(const void *app) { (void)app; }
 static uint32_t app_shutdown(void *app, uint64_t timeout_ms) { (void)app; (void)timeout_ms; return OK; }
 static void app_free_string(OwnedString s) { (void)s; }
 
 static const AppVTable table = {
-    1, sizeof(AppVTable), S("c-fixture"), S("0.1.0"), S("0.1.0"),
+    2, sizeof(AppVTable), S("c-fixture"), S("0.1.0"), S("0.1.0"),
     app_init, app_handle, app_poll_response, app_drop_response, app_poll_chunk,
-    app_drop_stream, app_drain, app_shutdown, app_free_string,
+    app_drop_stream, app_io_read, app_io_write, app_io_flush, app_io_shutdown, app_drop_io,
+    app_drain, app_shutdown, app_free_string,
 };
 const AppVTable *pounce_app_entry(void) { return &table; }
 "#;
