@@ -48,6 +48,8 @@ async fn sighup_and_sigusr1_serve_new_code() {
 async fn work_in_flight_finishes_on_the_old_generation() {
     let dir = TempDir::new("in-flight");
     let library = served(&dir, "Greeting A");
+    // Built before the requests start: a build can take longer than they do.
+    let greeting_b = sample_variant("Greeting B");
     let server = Server::start(&library, &[]);
     let addr = server.addr;
     let mut early = Client::connect(addr).await.unwrap();
@@ -57,7 +59,7 @@ async fn work_in_flight_finishes_on_the_old_generation() {
     let streamer = tokio::spawn(async move { get(addr, "/stream?chunks=5&interval_ms=300").await });
     server.wait_for_in_flight(2).await;
 
-    replace_file(&sample_variant("Greeting B"), &library);
+    replace_file(&greeting_b, &library);
     reload(&server, libc::SIGHUP, 2);
     assert_eq!(version(&server).await, "Greeting B (generation 2)\n");
     // A keep-alive connection opened before the swap gets the new code too.
