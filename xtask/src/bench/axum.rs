@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _, Result};
 use pounce_devkit::{ready_address, target_dir, workspace};
 
 use super::memory::{self, MemoryResult};
-use super::procs::{self, CpuWatch, Pinning, Proc, Server};
+use super::procs::{self, Pinning, Proc, Server};
 use super::wrk::{self, WrkResult};
 
 const USAGE: &str = "\
@@ -150,17 +150,7 @@ fn measure(kind: Kind, binaries: &Binaries, pinning: &Pinning, wrk: &Path, secon
     let mut attempt = 0;
     loop {
         procs::wait_for_quiet(Duration::from_secs(30))?;
-        let watch = CpuWatch::start(proc.pid())?;
-        let mut result = wrk::run(wrk, pinning, &url, seconds, wrk::Mode::KeepAlive)?;
-        result.cpu = watch.finish()?;
-        eprintln!(
-            "    {:.0} req/s, p99 {:.0} µs, failures {}, server CPU {:.2}, other CPU {:.2}",
-            result.requests_per_sec,
-            result.p99_us,
-            result.failures(),
-            result.cpu.server,
-            result.cpu.foreign
-        );
+        let result = wrk::run_watched(wrk, pinning, &url, seconds, wrk::Mode::KeepAlive, proc.pid())?;
         if !result.cpu.disturbed() || attempt == RETRIES {
             proc.stop();
             return Ok(result);

@@ -424,20 +424,8 @@ fn compare(
             ));
             let server = Server::start(kind, binaries, pinning)?;
             warm_up(Some(wrk), pinning, &server, settings)?;
-            let measure = || {
-                let watch = CpuWatch::start(server.pid())?;
-                let mut result = wrk::run(wrk, pinning, &server.url(), settings.throughput_secs, mode)?;
-                result.cpu = watch.finish()?;
-                eprintln!(
-                    "    {:.0} req/s, p99 {:.0} µs, failures {}, server CPU {:.2}, other CPU {:.2}",
-                    result.requests_per_sec,
-                    result.p99_us,
-                    result.failures(),
-                    result.cpu.server,
-                    result.cpu.foreign
-                );
-                Ok(result)
-            };
+            let measure =
+                || wrk::run_watched(wrk, pinning, &server.url(), settings.throughput_secs, mode, server.pid());
             let result = undisturbed(settings.retries, &mut comparison.discarded, measure, |r: &wrk::WrkResult| {
                 r.cpu.disturbed().then(|| format!("{:.2} cores of other work ran meanwhile", r.cpu.foreign))
             })?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::procs::{find_program, CpuUse, Pinning, Proc};
+use super::procs::{find_program, CpuUse, CpuWatch, Pinning, Proc};
 
 /// What to tell someone without wrk.
 pub const INSTALL_HINT: &str = "wrk is not installed: install it with `apt-get install wrk` (Debian/Ubuntu)";
@@ -102,6 +102,30 @@ pub fn finish(mut proc: Proc, seconds: u64) -> Result<WrkResult> {
 /// Runs wrk to the end.
 pub fn run(wrk: &Path, pinning: &Pinning, url: &str, seconds: u64, mode: Mode) -> Result<WrkResult> {
     finish(start(wrk, pinning, url, seconds, mode)?, seconds)
+}
+
+/// [`run`] with the CPU of the server (`server_pid` and its children)
+/// counted into the result, and a line printed about it.
+pub fn run_watched(
+    wrk: &Path,
+    pinning: &Pinning,
+    url: &str,
+    seconds: u64,
+    mode: Mode,
+    server_pid: i32,
+) -> Result<WrkResult> {
+    let watch = CpuWatch::start(server_pid)?;
+    let mut result = run(wrk, pinning, url, seconds, mode)?;
+    result.cpu = watch.finish()?;
+    eprintln!(
+        "    {:.0} req/s, p99 {:.0} µs, failures {}, server CPU {:.2}, other CPU {:.2}",
+        result.requests_per_sec,
+        result.p99_us,
+        result.failures(),
+        result.cpu.server,
+        result.cpu.foreign
+    );
+    Ok(result)
 }
 
 /// Reads wrk's `--latency` report.
