@@ -64,6 +64,14 @@ enum { OK = 0, FAILED = 3 };
 
 static const char *fixture_init(void);
 
+/* A thread body that wakes every 100 ms, forever (for fixtures that leave
+   a thread behind). */
+__attribute__((unused)) static void *sleeper(void *arg) {
+    (void)arg;
+    for (;;) usleep(100000);
+    return NULL;
+}
+
 static char instance, future;
 static const char body[] = "fixture ok\n";
 
@@ -124,11 +132,6 @@ fn fixture(dir: &TempDir, name: &str, code: &str) -> PathBuf {
 /// init starts a detached thread that wakes every 100 ms, forever: once its
 /// library is unmapped, it crashes the process within a tenth of a second.
 const DETACHED_THREAD: &str = r#"
-static void *sleeper(void *arg) {
-    (void)arg;
-    for (;;) usleep(100000);
-    return NULL;
-}
 static const char *fixture_init(void) {
     pthread_t thread;
     if (pthread_create(&thread, NULL, sleeper, NULL) != 0) return "pthread_create failed";
@@ -146,11 +149,6 @@ static const char *fixture_init(void) { return NULL; }
 /// init starts the same thread, then fails: the failed load must not be
 /// unmapped under it either.
 const FAILING_AFTER_A_THREAD: &str = r#"
-static void *sleeper(void *arg) {
-    (void)arg;
-    for (;;) usleep(100000);
-    return NULL;
-}
 static const char *fixture_init(void) {
     pthread_t thread;
     if (pthread_create(&thread, NULL, sleeper, NULL) != 0) return "pthread_create failed";

@@ -263,11 +263,6 @@ impl Connection {
         self.http2.load(Ordering::Relaxed)
     }
 
-    /// Whether a request is being served on this connection.
-    pub fn is_busy(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0
-    }
-
     /// Closes the connection at once, cutting what runs on it.
     pub fn close(&self) {
         self.control.set(CLOSE);

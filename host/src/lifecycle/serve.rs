@@ -7,13 +7,13 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::Notify;
 
 use super::signals::{Request, Signals};
+use super::upgrade::{self, Upgrading};
 use super::watch::{self, WatchError, WatchSpec};
-use super::{reload, shutdown, stall_watch, upgrade};
+use super::{reload, shutdown, stall_watch};
 use crate::config::Config;
 use crate::front::listener::{self, BindError, Listener, Role};
 use crate::front::tls::{Tls, TlsError};
@@ -117,7 +117,7 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     drop(upgraded);
     sd_notify::spawn_watchdog();
     reload::spawn(server.clone(), loader, reloads.clone());
-    let mut upgrading: Option<(tokio::task::JoinHandle<Result<u32, String>>, Instant)> = None;
+    let mut upgrading = Upgrading::default();
     let first_stop = loop {
         tokio::select! {
             request = signals.next() => match request {
@@ -125,36 +125,19 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
                     tracing::info!("{name} received: reload requested");
                     reloads.notify_one();
                 }
-                Request::Upgrade(name) if upgrading.is_some() => {
-                    tracing::warn!("{name} ignored: a binary upgrade is in progress");
-                }
                 Request::Upgrade(name) => {
-                    tracing::info!("{name} received: binary upgrade requested");
-                    if let Some(executable) = upgrade::executable() {
-                        server.reporter.emit(Event::UpgradeStarted { executable: &executable });
-                    }
                     let next = server.current.number() + 1;
-                    let task = upgrade::start(kept.clone(), next, server.config.reload_timeout);
-                    upgrading = Some((tokio::spawn(task), Instant::now()));
+                    upgrading.begin(name, &server.reporter, kept.clone(), next, server.config.reload_timeout);
                 }
                 Request::Shutdown { name, number } => break (name, number),
             },
-            done = async { (&mut upgrading.as_mut().expect("guarded").0).await }, if upgrading.is_some() => {
-                let took = upgrading.take().map_or_else(Default::default, |(_, at)| at.elapsed());
-                match done {
-                    Ok(Ok(pid)) => {
-                        upgrade::hand_over(&server, &mut signals, pid, took).await;
-                        return Ok(());
-                    }
-                    Ok(Err(reason)) => server.reporter.emit(Event::UpgradeFailed { reason: &reason }),
-                    Err(e) => server.reporter.emit(Event::UpgradeFailed { reason: &e.to_string() }),
-                }
+            Some((pid, took)) = upgrading.finished(&server.reporter), if upgrading.is_running() => {
+                upgrade::hand_over(&server, &mut signals, pid, took).await;
+                return Ok(());
             }
         }
     };
-    if let Some((task, _)) = upgrading.take() {
-        task.abort();
-    }
+    upgrading.abort();
     shutdown::run(&server, &mut signals, first_stop).await;
     Ok(())
 }

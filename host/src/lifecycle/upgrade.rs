@@ -26,7 +26,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -37,7 +37,7 @@ use crate::ffi::process::{kill, spawn_with_fds};
 use crate::front::inherit::{self, FIRST_FD, SYSTEMD_VARIABLES, UPGRADE_FDS, UPGRADE_FROM, UPGRADE_GENERATION};
 use crate::front::listener::Listener;
 use crate::front::Server;
-use crate::operations::Event;
+use crate::operations::{Event, Reporter};
 
 static EXECUTABLE: OnceLock<Option<PathBuf>> = OnceLock::new();
 
@@ -67,9 +67,63 @@ impl Drop for Started {
     }
 }
 
+/// A binary upgrade in progress, if any: what the serving loops of both
+/// modes keep while the new process starts.
+#[derive(Default)]
+pub struct Upgrading(Option<(tokio::task::JoinHandle<Result<u32, String>>, Instant)>);
+
+impl Upgrading {
+    pub fn is_running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Answers SIGUSR2 (`name`): starts the new binary with `listeners`, to
+    /// serve from `generation` on; ignored while one is starting already.
+    pub fn begin(
+        &mut self,
+        name: &str,
+        reporter: &Reporter,
+        listeners: Arc<Vec<Listener>>,
+        generation: u64,
+        timeout: Duration,
+    ) {
+        if self.is_running() {
+            return tracing::warn!("{name} ignored: a binary upgrade is in progress");
+        }
+        tracing::info!("{name} received: binary upgrade requested");
+        if let Some(executable) = executable() {
+            reporter.emit(Event::UpgradeStarted { executable: &executable });
+        }
+        self.0 = Some((tokio::spawn(start(listeners, generation, timeout)), Instant::now()));
+    }
+
+    /// Completes when the upgrade ends: the new process's pid and how long
+    /// it took when it serves; `None` (reported) when it failed. Poll only
+    /// while [`Upgrading::is_running`].
+    pub async fn finished(&mut self, reporter: &Reporter) -> Option<(u32, Duration)> {
+        let (task, started) = self.0.as_mut()?;
+        let (done, took) = (task.await, started.elapsed());
+        self.0 = None;
+        let reason = match done {
+            Ok(Ok(pid)) => return Some((pid, took)),
+            Ok(Err(reason)) => reason,
+            Err(e) => e.to_string(),
+        };
+        reporter.emit(Event::UpgradeFailed { reason: &reason });
+        None
+    }
+
+    /// Gives up on an upgrade still starting (at shutdown).
+    pub fn abort(&mut self) {
+        if let Some((task, _)) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 /// Starts the new binary with `listeners` and waits until it serves
 /// generation `generation`; returns its pid, or why it did not take over.
-pub async fn start(listeners: Arc<Vec<Listener>>, generation: u64, timeout: Duration) -> Result<u32, String> {
+async fn start(listeners: Arc<Vec<Listener>>, generation: u64, timeout: Duration) -> Result<u32, String> {
     let executable = executable().ok_or_else(|| "the path of the running binary is unknown".to_owned())?;
     let (mine, theirs) = StdUnixStream::pair().map_err(|e| format!("cannot make the hand-over channel: {e}"))?;
     let mut command = Command::new(&executable);

@@ -50,10 +50,6 @@ impl Reporter {
         }
     }
 
-    pub fn systemd(&self) -> Option<&SdNotify> {
-        self.systemd.as_ref()
-    }
-
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }

@@ -49,7 +49,8 @@ use crate::lifecycle::exit::describe;
 use crate::lifecycle::serve::{describe_listeners, watch_spec, StartError};
 use crate::lifecycle::shutdown::hard_deadline;
 use crate::lifecycle::signals::{Request, Signals};
-use crate::lifecycle::{upgrade, watch};
+use crate::lifecycle::upgrade::{self, Upgrading};
+use crate::lifecycle::watch;
 use crate::operations::{sd_notify, Event, Reporter};
 
 /// Crashes within `--rollback-window` of a reload that roll it back.
@@ -193,7 +194,7 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
     drop(upgraded);
     sd_notify::spawn_watchdog();
     let mut ticks = tokio::time::interval(TICK);
-    let mut upgrading: Option<(tokio::task::JoinHandle<Result<u32, String>>, Instant)> = None;
+    let mut upgrading = Upgrading::default();
     let stop = loop {
         tokio::select! {
             request = signals.next() => match request {
@@ -201,29 +202,16 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
                     tracing::info!("{name} received: reload requested");
                     supervisor.request_reload();
                 }
-                Request::Upgrade(name) if upgrading.is_some() => {
-                    tracing::warn!("{name} ignored: a binary upgrade is in progress");
-                }
                 Request::Upgrade(name) => {
-                    tracing::info!("{name} received: binary upgrade requested");
-                    if let Some(executable) = upgrade::executable() {
-                        supervisor.reporter.emit(Event::UpgradeStarted { executable: &executable });
-                    }
-                    let next = supervisor.next_generation;
-                    let task = upgrade::start(supervisor.listeners.clone(), next, supervisor.config.reload_timeout);
-                    upgrading = Some((tokio::spawn(task), Instant::now()));
+                    let (listeners, next) = (supervisor.listeners.clone(), supervisor.next_generation);
+                    upgrading.begin(name, &supervisor.reporter, listeners, next, supervisor.config.reload_timeout);
                 }
                 Request::Shutdown { name, number } => break (name, number),
             },
-            done = async { (&mut upgrading.as_mut().expect("guarded").0).await }, if upgrading.is_some() => {
-                let took = upgrading.take().map_or_else(Default::default, |(_, at)| at.elapsed());
-                match done {
-                    Ok(Ok(pid)) => match supervisor.hand_over(pid, took, &mut signals, &mut received).await {
-                        Some(stop) => break stop,
-                        None => return Ok(()),
-                    },
-                    Ok(Err(reason)) => supervisor.reporter.emit(Event::UpgradeFailed { reason: &reason }),
-                    Err(e) => supervisor.reporter.emit(Event::UpgradeFailed { reason: &e.to_string() }),
+            Some((pid, took)) = upgrading.finished(&supervisor.reporter), if upgrading.is_running() => {
+                match supervisor.hand_over(pid, took, &mut signals, &mut received).await {
+                    Some(stop) => break stop,
+                    None => return Ok(()),
                 }
             }
             () = reloads.notified() => supervisor.request_reload(),
@@ -231,9 +219,7 @@ pub async fn run(config: Config, serve_args: Vec<OsString>) -> Result<(), StartE
             _ = ticks.tick() => supervisor.on_tick(),
         }
     };
-    if let Some((task, _)) = upgrading.take() {
-        task.abort();
-    }
+    upgrading.abort();
     supervisor.shut_down(stop, &mut signals, &mut received).await;
     Ok(())
 }
