@@ -86,7 +86,6 @@ mod response;
 pub mod service;
 
 use std::future::Future;
-use std::pin::Pin;
 
 pub use bytes::{self, Bytes};
 pub use context::{DrainSignal, InitContext};
@@ -115,14 +114,6 @@ pub trait App: Send + Sync + Sized + 'static {
     /// Answers one request. Implement it as `async fn handle(&self, req:
     /// Request<'_>) -> Response`.
     fn handle<'a>(&'a self, req: Request<'a>) -> impl Future<Output = Response> + Send + 'a;
-
-    /// [`App::handle`]'s future, boxed: what the host polls. Not for apps:
-    /// `export_service!` overrides it to hand over a future that is boxed
-    /// already, saving an allocation per request.
-    #[doc(hidden)]
-    fn handle_boxed<'a>(&'a self, req: Request<'a>) -> Pin<Box<dyn Future<Output = Response> + Send + 'a>> {
-        Box::pin(self.handle(req))
-    }
 
     /// This generation gets no new requests from now on. Called once.
     fn drain(&self) {}
@@ -183,15 +174,6 @@ macro_rules! export_service {
                 &'a self,
                 req: $crate::Request<'a>,
             ) -> impl ::std::future::Future<Output = $crate::Response> + ::std::marker::Send + 'a {
-                self.0.handle(req)
-            }
-
-            fn handle_boxed<'a>(
-                &'a self,
-                req: $crate::Request<'a>,
-            ) -> ::std::pin::Pin<
-                ::std::boxed::Box<dyn ::std::future::Future<Output = $crate::Response> + ::std::marker::Send + 'a>,
-            > {
                 self.0.handle(req)
             }
         }

@@ -56,9 +56,9 @@ pub struct Response {
     pub(crate) body: Body,
 }
 
-/// Headers holding `content-type`, with room for one more.
+/// Headers holding `content-type`.
 fn content_type_headers(content_type: HeaderText) -> HeaderList {
-    let mut headers = HeaderList::with_capacity(2);
+    let mut headers = HeaderList::default();
     headers.push(Cow::Borrowed("content-type"), content_type);
     headers
 }

@@ -43,16 +43,54 @@ struct Instance<A> {
     live_threads: Arc<AtomicUsize>,
 }
 
-type BoxedFuture = Pin<Box<dyn Future<Output = Response> + Send + 'static>>;
-
+/// What the host holds as a `ResponseFuture`: what every response future
+/// needs, followed in the same allocation by the handler's future itself
+/// (see [`Pending`]), whose type is erased behind `poll` and `free`: one
+/// allocation per request instead of a state and a boxed future.
 struct FutureState {
-    future: BoxedFuture,
     /// The runtime handle of the generation, owned by the `Instance`, which
     /// outlives every future (module rules).
     handle: *const tokio::runtime::Handle,
     done: Option<Finished>,
     /// The request body's gate (when it has a body), closed in `drop_response`.
     gate: Option<Arc<BodyGate>>,
+    /// Polls the future that follows this state.
+    poll: unsafe fn(*mut FutureState, &mut Context<'_>) -> Poll<Response>,
+    /// Drops this state and its future, and frees them.
+    free: unsafe fn(*mut FutureState),
+}
+
+/// A [`FutureState`] and the future it erases. `repr(C)`: a pointer to it
+/// is a pointer to its state.
+#[repr(C)]
+struct Pending<F> {
+    state: FutureState,
+    future: F,
+}
+
+impl<F: Future<Output = Response>> Pending<F> {
+    /// Boxes `future` behind its state; the host owns the result.
+    fn boxed(future: F, handle: *const tokio::runtime::Handle, gate: Option<Arc<BodyGate>>) -> *mut FutureState {
+        let state = FutureState { handle, done: None, gate, poll: Self::poll, free: Self::free };
+        Box::into_raw(Box::new(Pending { state, future })) as *mut FutureState
+    }
+
+    /// # Safety
+    /// `state` is the state of a live `Pending<F>` made by `boxed`, used by
+    /// no other thread now, whose future has not completed.
+    unsafe fn poll(state: *mut FutureState, cx: &mut Context<'_>) -> Poll<Response> {
+        // SAFETY: see the function's contract; the box never moves, so the
+        // future stays pinned until `free`.
+        unsafe { Pin::new_unchecked(&mut (*(state as *mut Pending<F>)).future) }.poll(cx)
+    }
+
+    /// # Safety
+    /// `state` is the state of a live `Pending<F>` made by `boxed`; this is
+    /// its end.
+    unsafe fn free(state: *mut FutureState) {
+        // SAFETY: see the function's contract.
+        drop(unsafe { Box::from_raw(state as *mut Pending<F>) });
+    }
 }
 
 /// A finished response, kept alive until `drop_response` so the host can read
@@ -214,15 +252,14 @@ unsafe extern "C" fn handle<A: App>(
     // closes the gate (kept in the future's state) before it returns.
     let gate = (head.body_size() != Some(0)).then(|| unsafe { BodyGate::new(&*head_ptr) });
     let _entered = instance.handle.enter();
+    // The future borrows the instance and the request head. The host keeps
+    // both alive until it calls `drop_response`, which drops the future; so
+    // the state's raw pointer, which forgets the borrow, never outlives it.
     let made = catch_unwind(AssertUnwindSafe(|| {
-        let future = instance.app.handle_boxed(Request::new(head, gate.clone()));
-        // SAFETY: the future borrows the instance and the request head. The
-        // host keeps both alive until it calls `drop_response`, which drops
-        // the future; so erasing the lifetime never lets a borrow dangle.
-        let future: BoxedFuture = unsafe { std::mem::transmute(future) };
-        future
+        let future = instance.app.handle(Request::new(head, gate.clone()));
+        Pending::boxed(future, &instance.handle, gate.clone())
     }));
-    let Ok(future) = made else {
+    let Ok(state) = made else {
         if let Some(gate) = gate {
             gate.close();
         }
@@ -230,11 +267,10 @@ unsafe extern "C" fn handle<A: App>(
         unsafe { *out_future = std::ptr::null_mut() };
         return status::PANICKED; // the panic hook logged it
     };
-    let state = Box::into_raw(Box::new(FutureState { future, handle: &instance.handle, done: None, gate }));
     // SAFETY: `out_future` is valid for the call; the host owns the future now.
     unsafe { *out_future = state as *mut ResponseFuture };
     // SAFETY: `state` was just made; `waker` and `out` are valid for the call.
-    unsafe { poll_state(&mut *state, waker, out) }
+    unsafe { poll_state(state, waker, out) }
 }
 
 /// # Safety
@@ -242,12 +278,12 @@ unsafe extern "C" fn handle<A: App>(
 /// `handle`, is not dropped yet and is polled by no other thread now;
 /// `waker` is lent for the call; `out` is writable.
 unsafe extern "C" fn poll_response(future: *mut ResponseFuture, waker: *const FfiWaker, out: *mut ResponseHead) -> u32 {
-    // SAFETY: `future` came from `handle` and is not dropped yet; the host
-    // polls it from one thread at a time.
-    let state = unsafe { &mut *(future as *mut FutureState) };
-    // SAFETY: the instance (and its handle) outlives the future (module rules).
-    let _entered = unsafe { &*state.handle }.enter();
-    // SAFETY: `waker` and `out` are valid for the call.
+    let state = future as *mut FutureState;
+    // SAFETY: `future` came from `handle` and is not dropped yet; the
+    // instance (and its handle) outlives it (module rules).
+    let _entered = unsafe { &*(*state).handle }.enter();
+    // SAFETY: the host polls it from one thread at a time; `waker` and
+    // `out` are valid for the call.
     unsafe { poll_state(state, waker, out) }
 }
 
@@ -255,17 +291,24 @@ unsafe extern "C" fn poll_response(future: *mut ResponseFuture, waker: *const Ff
 /// caller) and, once it is ready, fills `out`.
 ///
 /// # Safety
-/// `waker` is a lent waker and `out` is writable, both for the call.
-unsafe fn poll_state(state: &mut FutureState, waker: *const FfiWaker, out: *mut ResponseHead) -> u32 {
+/// `state` came from `Pending::boxed`, is not dropped yet, is used by no
+/// other thread now and its future has not completed; `waker` is a lent
+/// waker and `out` is writable, both for the call.
+unsafe fn poll_state(state: *mut FutureState, waker: *const FfiWaker, out: *mut ResponseHead) -> u32 {
+    // SAFETY: `state` is live (function contract).
+    let poll = unsafe { (*state).poll };
     let polled = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: `waker` is lent for this call; the host's code stays loaded.
-        unsafe { with_foreign_waker::<(), _>(waker, None, |cx| state.future.as_mut().poll(cx)) }
+        // SAFETY: `waker` is lent for this call; the host's code stays
+        // loaded; `state` is as `poll` requires (function contract).
+        unsafe { with_foreign_waker::<(), _>(waker, None, |cx| poll(state, cx)) }
     }));
     let response = match polled {
         Ok(Poll::Ready(response)) => response,
         Ok(Poll::Pending) => return status::PENDING,
         Err(_) => return status::PANICKED, // the panic hook logged it
     };
+    // SAFETY: `state` is live and used by this thread only (function contract).
+    let state = unsafe { &mut *state };
     let (head, finished) = finish(response, state.handle);
     let finished = state.done.insert(finished);
     // SAFETY: `out` is valid for the call. The pointers in it point into
@@ -306,20 +349,23 @@ fn finish(response: Response, handle: *const tokio::runtime::Handle) -> (Respons
 /// Called by the host as [`AppVTable::drop_response`]: `future` came from
 /// `handle` and is not dropped yet; this drops it.
 unsafe extern "C" fn drop_response(future: *mut ResponseFuture) {
-    // SAFETY: `future` came from `handle` and is dropped exactly once.
-    let state = unsafe { Box::from_raw(future as *mut FutureState) };
+    let state = future as *mut FutureState;
+    // SAFETY: `future` came from `handle` and is not dropped yet; the
+    // instance (and its handle) outlives it (module rules).
+    let (gate, handle, done, free) =
+        unsafe { (&(*state).gate, &*(*state).handle, (*state).done.is_some(), (*state).free) };
     // No read of the request body may reach the host once this returns (a
     // task may still own the body): wait for one that runs, refuse the rest.
-    if let Some(gate) = &state.gate {
+    if let Some(gate) = gate {
         gate.close();
     }
-    // SAFETY: the instance outlives the future (module rules).
-    let handle = unsafe { &*state.handle };
     // A future that completed holds nothing that talks to the runtime any
     // more (its locals are gone); only a cancelled one needs it entered.
-    let _entered = state.done.is_none().then(|| handle.enter());
-    // A panic here was logged by the panic hook; there is nothing else to do.
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(state)));
+    let _entered = (!done).then(|| handle.enter());
+    // SAFETY: `state` came from `Pending::boxed` and is freed exactly once,
+    // here. A panic while dropping was logged by the panic hook; there is
+    // nothing else to do.
+    let _ = catch_unwind(AssertUnwindSafe(move || unsafe { free(state) }));
 }
 
 /// # Safety

@@ -558,7 +558,7 @@ impl AppCall {
             note: String::new(),
         };
         let head = empty_head(peer.map_or(PeerAddr::UNKNOWN, PeerAddr::new));
-        let request = Box::into_raw(Box::new(PendingRequest { lease, parts, headers: Vec::new(), head, body }));
+        let request = spare::allocate(PendingRequest { lease, parts, headers: Vec::new(), head, body });
         // SAFETY: `request` was just allocated and nothing else points to it
         // yet, so this exclusive borrow is the only one.
         let pending = unsafe { &mut *request };
@@ -589,6 +589,17 @@ impl AppCall {
         unsafe { (*self.request).lease.app() }
     }
 
+    /// The request's method and path (empty once the call finished).
+    pub fn line(&self) -> (&str, &str) {
+        if self.request.is_null() {
+            return ("", "");
+        }
+        // SAFETY: `request` is live until `finish` or `Drop`, which null it;
+        // only shared borrows of `parts` exist while the app runs.
+        let parts = unsafe { &(*self.request).parts };
+        (parts.method.as_str(), parts.uri.path())
+    }
+
     /// Drops the app's future, then the request it borrowed; returns the
     /// whether the body went over the limit. The request's lease goes with it.
     fn finish(&mut self) -> bool {
@@ -597,11 +608,13 @@ impl AppCall {
             unsafe { (self.app().vtable().drop_response)(self.future) };
             self.future = std::ptr::null_mut();
         }
+        // SAFETY: `request` is live until the release below.
+        let over_limit = unsafe { (*self.request).body.over_limit };
         // SAFETY: the future that borrowed the request is gone; the box is
-        // freed exactly once (the pointer is nulled).
-        let request = unsafe { Box::from_raw(self.request) };
+        // given back exactly once (the pointer is nulled).
+        unsafe { spare::release(self.request) };
         self.request = std::ptr::null_mut();
-        request.body.over_limit
+        over_limit
     }
 
     /// Copies the response head out of the app.
@@ -657,11 +670,11 @@ fn empty_head(peer: PeerAddr) -> RequestHead {
 /// Points the C head at the request's parts (which live in the same box).
 fn fill_head(pending: &mut PendingRequest, body: *mut HostBody) {
     let parts = &pending.parts;
-    pending.headers = parts
-        .headers
-        .iter()
-        .map(|(name, value)| Header { name: Slice::new(name.as_str().as_bytes()), value: Slice::new(value.as_bytes()) })
-        .collect();
+    pending.headers.clear();
+    pending.headers.extend(parts.headers.iter().map(|(name, value)| Header {
+        name: Slice::new(name.as_str().as_bytes()),
+        value: Slice::new(value.as_bytes()),
+    }));
     let query = parts.uri.query();
     // hyper offers the connection of an HTTP/1.1 request with `Upgrade`
     // (HTTP/2 CONNECT streams are not offered to apps).
@@ -699,7 +712,10 @@ unsafe fn parse_head(head: &ResponseHead) -> Result<(StatusCode, HeaderMap), Cal
         // SAFETY: header bytes live in the future (function contract).
         let (name, value) = unsafe { (pair.name.as_bytes(), pair.value.as_bytes()) };
         let invalid = || CallError::InvalidResponse(format!("header {:?} is not valid", String::from_utf8_lossy(name)));
-        let name = HeaderName::from_bytes(name).map_err(|_| invalid())?;
+        let name = match common_name(name) {
+            Some(name) => name,
+            None => HeaderName::from_bytes(name).map_err(|_| invalid())?,
+        };
         let value = match common_value(value) {
             Some(value) => value,
             None => HeaderValue::from_bytes(value).map_err(|_| invalid())?,
@@ -710,19 +726,41 @@ unsafe fn parse_head(head: &ResponseHead) -> Result<(StatusCode, HeaderMap), Cal
 }
 
 /// Header values most responses carry, as static `HeaderValue`s: copying one
-/// out of the app would allocate on every response.
+/// out of the app would allocate on every response. (Constants: made at
+/// compile time, where `from_static` checks the bytes.)
 fn common_value(value: &[u8]) -> Option<HeaderValue> {
-    const COMMON: [&str; 8] = [
-        "text/plain; charset=utf-8",
-        "text/html; charset=utf-8",
-        "application/json",
-        "text/event-stream",
-        "application/octet-stream",
-        "no-store",
-        "no-cache",
-        "close",
-    ];
-    COMMON.iter().find(|common| common.as_bytes() == value).map(|common| HeaderValue::from_static(common))
+    const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+    const HTML: HeaderValue = HeaderValue::from_static("text/html; charset=utf-8");
+    const JSON: HeaderValue = HeaderValue::from_static("application/json");
+    const EVENTS: HeaderValue = HeaderValue::from_static("text/event-stream");
+    const OCTETS: HeaderValue = HeaderValue::from_static("application/octet-stream");
+    const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+    const NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
+    const CLOSE: HeaderValue = HeaderValue::from_static("close");
+    Some(match value {
+        b"text/plain; charset=utf-8" => TEXT,
+        b"text/html; charset=utf-8" => HTML,
+        b"application/json" => JSON,
+        b"text/event-stream" => EVENTS,
+        b"application/octet-stream" => OCTETS,
+        b"no-store" => NO_STORE,
+        b"no-cache" => NO_CACHE,
+        b"close" => CLOSE,
+        _ => return None,
+    })
+}
+
+/// Header names most responses carry, without `HeaderName::from_bytes`'s
+/// search of the standard names.
+fn common_name(name: &[u8]) -> Option<HeaderName> {
+    use http::header;
+    Some(match name {
+        b"content-type" => header::CONTENT_TYPE,
+        b"cache-control" => header::CACHE_CONTROL,
+        b"location" => header::LOCATION,
+        b"set-cookie" => header::SET_COOKIE,
+        _ => return None,
+    })
 }
 
 impl std::future::Future for AppCall {
@@ -874,5 +912,62 @@ impl Drop for AppIo {
         // SAFETY: the app's end is live and dropped exactly once, before the
         // lease (a field dropped after this runs).
         unsafe { (self.lease.app().vtable().drop_io)(self.io) };
+    }
+}
+
+/// Request boxes given back on this thread, for the next requests: a
+/// request reuses one (and the capacity of its header array) instead of two
+/// allocations.
+mod spare {
+    use std::cell::RefCell;
+    use std::mem::MaybeUninit;
+
+    use super::{Header, PendingRequest};
+
+    /// How many boxes a thread keeps.
+    const KEPT: usize = 16;
+
+    struct Spare {
+        shell: Box<MaybeUninit<PendingRequest>>,
+        headers: Vec<Header>,
+    }
+
+    thread_local! {
+        static SPARES: RefCell<Vec<Spare>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Boxes `request`, in a spare box if this thread has one.
+    pub(super) fn allocate(mut request: PendingRequest) -> *mut PendingRequest {
+        let spare = SPARES.try_with(|spares| spares.borrow_mut().pop()).ok().flatten();
+        let Some(Spare { shell, headers }) = spare else {
+            return Box::into_raw(Box::new(request));
+        };
+        request.headers = headers;
+        Box::into_raw(Box::write(shell, request))
+    }
+
+    /// Drops the request and keeps its box (and its header array) for a
+    /// later request on this thread.
+    ///
+    /// # Safety
+    /// `request` came from [`allocate`] and is given back once; nothing
+    /// borrows it any more.
+    pub(super) unsafe fn release(request: *mut PendingRequest) {
+        // SAFETY: the box is live (function contract). Its header array is
+        // taken, its value dropped in place once, and the allocation is then
+        // treated as uninitialized memory of the same layout, which is what
+        // `MaybeUninit` is.
+        let (mut headers, shell) = unsafe {
+            let headers = std::mem::take(&mut (*request).headers);
+            std::ptr::drop_in_place(request);
+            (headers, Box::from_raw(request as *mut MaybeUninit<PendingRequest>))
+        };
+        headers.clear();
+        let _ = SPARES.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < KEPT {
+                spares.push(Spare { shell, headers });
+            }
+        });
     }
 }

@@ -422,6 +422,10 @@ impl Activity {
         Activity { connection, waiting: false }
     }
 
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
     /// hyper asks the response body for its next frame: the last one is
     /// written, or buffered.
     pub fn frame_asked(&mut self) {
