@@ -56,9 +56,9 @@ pub struct Response {
     pub(crate) body: Body,
 }
 
-/// Headers holding `content-type`.
+/// Headers holding `content-type`, with room for one more.
 fn content_type_headers(content_type: HeaderText) -> HeaderList {
-    let mut headers = HeaderList::default();
+    let mut headers = HeaderList::with_capacity(2);
     headers.push(Cow::Borrowed("content-type"), content_type);
     headers
 }

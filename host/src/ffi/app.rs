@@ -939,11 +939,13 @@ mod spare {
     /// Boxes `request`, in a spare box if this thread has one.
     pub(super) fn allocate(mut request: PendingRequest) -> *mut PendingRequest {
         let spare = SPARES.try_with(|spares| spares.borrow_mut().pop()).ok().flatten();
-        let Some(Spare { shell, headers }) = spare else {
+        let Some(Spare { mut shell, headers }) = spare else {
             return Box::into_raw(Box::new(request));
         };
         request.headers = headers;
-        Box::into_raw(Box::write(shell, request))
+        shell.write(request);
+        // The box now holds an initialized request.
+        Box::into_raw(shell) as *mut PendingRequest
     }
 
     /// Drops the request and keeps its box (and its header array) for a
