@@ -707,7 +707,9 @@ unsafe fn parse_head(head: &ResponseHead) -> Result<(StatusCode, HeaderMap), Cal
         .map_err(|_| CallError::InvalidResponse(format!("status {} is not an HTTP status code", head.status)))?;
     // SAFETY: see the function's contract.
     let pairs = unsafe { head.header_slice() };
-    let mut headers = HeaderMap::with_capacity(pairs.len());
+    // Room for two more: hyper adds `content-length` and `date` to an
+    // HTTP/2 response's map (growing it would rehash and reallocate).
+    let mut headers = HeaderMap::with_capacity(pairs.len() + 2);
     for pair in pairs {
         // SAFETY: header bytes live in the future (function contract).
         let (name, value) = unsafe { (pair.name.as_bytes(), pair.value.as_bytes()) };
