@@ -926,8 +926,9 @@ mod spare {
 
     use super::{Header, PendingRequest};
 
-    /// How many boxes a thread keeps.
-    const KEPT: usize = 16;
+    /// How many boxes a thread keeps: enough for the streams in flight on a
+    /// few HTTP/2 connections (a box is about half a kilobyte).
+    const KEPT: usize = 64;
 
     struct Spare {
         shell: Box<MaybeUninit<PendingRequest>>,
