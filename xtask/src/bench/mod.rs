@@ -300,7 +300,7 @@ pub fn run(settings: &Settings) -> Result<Report> {
 
     step(&format!("preflight: {} reloads one at a time with --preflight off", settings.preflight_reloads));
     let reload_ms_without_preflight = {
-        let server = Server::start_with(Kind::Thread, &["--preflight", "off"], &binaries, &pinning)?;
+        let server = Server::start_with(Kind::Thread, 1, &["--preflight", "off"], &binaries, &pinning)?;
         (0..settings.preflight_reloads)
             .map(|done| reload::reload_and_wait(&server, done as u64 + 2, reload::RELOAD_TIMEOUT))
             .collect::<Result<Vec<f64>>>()?

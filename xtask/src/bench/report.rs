@@ -438,7 +438,7 @@ impl Report {
         let _ = writeln!(md, "| placement | {} |", self.pinning);
         let command = |program: &str, kind: Kind, extra: &[&str]| {
             let library = if kind == Kind::Baseline { "" } else { " libsample_app.so" };
-            format!("`{program} {}{library}`", kind.args(extra).join(" "))
+            format!("`{program} {}{library}`", kind.args(1, extra).join(" "))
         };
         let _ = writeln!(
             md,
