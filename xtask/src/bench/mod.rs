@@ -5,11 +5,12 @@
 //!
 //! Modules: `procs` (processes, pinning, cleanup, the servers' kinds:
 //! baseline, thread mode, process mode), `events` (the host's log events),
-//! `wrk` (throughput), `loadgen` (fixed-rate latency), `reload` (the reload
-//! storm), `memory` (RSS and mapped copies across reloads, a server's
-//! footprint), `crash` (process mode's crash recovery; `sockets` tells
-//! which worker answered), `criterion` (the request-path micro-benchmark),
-//! `report` (figures, targets, Markdown).
+//! `throughput` (what the closed-loop load generators share: a run watched
+//! for server CPU), `wrk` (throughput), `loadgen` (fixed-rate latency),
+//! `reload` (the reload storm), `memory` (RSS and mapped copies across
+//! reloads, a server's footprint), `crash` (process mode's crash recovery;
+//! `sockets` tells which worker answered), `criterion` (the request-path
+//! micro-benchmark), `report` (figures, targets, Markdown).
 
 pub mod axum;
 mod crash;
@@ -21,6 +22,7 @@ mod procs;
 mod reload;
 mod report;
 mod sockets;
+mod throughput;
 mod tls;
 mod wrk;
 
@@ -32,6 +34,7 @@ use anyhow::{bail, Context as _, Result};
 use memory::Footprint;
 use procs::{Binaries, CpuWatch, Kind, Pinning, Server};
 use report::{Comparison, Latency, Machine, Report, Throughput};
+use throughput::watched;
 pub use tls::main as tls_main;
 
 const USAGE: &str = "\
@@ -425,7 +428,7 @@ fn compare(
             let server = Server::start(kind, binaries, pinning)?;
             warm_up(Some(wrk), pinning, &server, settings)?;
             let measure =
-                || wrk::run_watched(wrk, pinning, &server.url(), settings.throughput_secs, mode, server.pid());
+                || watched(server.pid(), || wrk::run(wrk, pinning, &server.url(), settings.throughput_secs, mode));
             let result = undisturbed(settings.retries, &mut comparison.discarded, measure, |r: &wrk::WrkResult| {
                 r.cpu.disturbed().then(|| format!("{:.2} cores of other work ran meanwhile", r.cpu.foreign))
             })?;
