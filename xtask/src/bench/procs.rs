@@ -118,6 +118,25 @@ impl Pinning {
         }
     }
 
+    /// The server and the load generator both on the server's and the load's
+    /// CPUs (`taskset -c 0,1`): for a server with as many worker threads as
+    /// there are CPUs, with the load generator on the same cores.
+    pub fn shared(&self) -> Pinning {
+        let (Some(taskset), Some(server), Some(load)) = (&self.taskset, self.server_cpu, self.load_cpu) else {
+            let description = format!("{}; the load generator on the same cores as the server", self.description);
+            return Pinning { description, ..self.clone() };
+        };
+        Pinning {
+            taskset: Some(taskset.clone()),
+            server_cpu: None,
+            load_cpu: None,
+            shared: Some(format!("{server},{load}")),
+            description: format!(
+                "server and load generator together on CPUs {server} and {load} (`taskset -c {server},{load}`): the load generator on the same cores as the server"
+            ),
+        }
+    }
+
     /// A command that runs `program` on `cpu` (through `taskset`), or on the
     /// shared CPUs of a [`Pinning::shared`], or unpinned when pinning is
     /// off. `taskset` execs the program, so the pid is the program's.
