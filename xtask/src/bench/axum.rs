@@ -18,6 +18,7 @@ use pounce_devkit::{ready_address, target_dir, workspace};
 
 use super::memory::{self, MemoryResult};
 use super::procs::{self, Pinning, Proc, Server};
+use super::throughput::watched;
 use super::wrk::{self, WrkResult};
 
 const USAGE: &str = "\
@@ -150,7 +151,7 @@ fn measure(kind: Kind, binaries: &Binaries, pinning: &Pinning, wrk: &Path, secon
     let mut attempt = 0;
     loop {
         procs::wait_for_quiet(Duration::from_secs(30))?;
-        let result = wrk::run_watched(wrk, pinning, &url, seconds, wrk::Mode::KeepAlive, proc.pid())?;
+        let result = watched(proc.pid(), || wrk::run(wrk, pinning, &url, seconds, wrk::Mode::KeepAlive))?;
         if !result.cpu.disturbed() || attempt == RETRIES {
             proc.stop();
             return Ok(result);

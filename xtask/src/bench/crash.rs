@@ -72,7 +72,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts the crash server and crashes its workers `crashes` times.
 pub fn measure(binaries: &Binaries, pinning: &Pinning, crashes: usize) -> Result<CrashResult> {
-    let server = Server::start_with(KIND, SERVER_ARGS, binaries, pinning)?;
+    let server = Server::start_with(KIND, 1, SERVER_ARGS, binaries, pinning)?;
     run(&server, &CrashPlan { crashes, processes: PROCESSES, timeout: TIMEOUT, cpu: pinning.load_cpu })
 }
 

@@ -5,22 +5,26 @@
 //!
 //! Modules: `procs` (processes, pinning, cleanup, the servers' kinds:
 //! baseline, thread mode, process mode), `events` (the host's log events),
-//! `wrk` (throughput), `loadgen` (fixed-rate latency), `reload` (the reload
-//! storm), `memory` (RSS and mapped copies across reloads, a server's
-//! footprint), `crash` (process mode's crash recovery; `sockets` tells
-//! which worker answered), `criterion` (the request-path micro-benchmark),
-//! `report` (figures, targets, Markdown).
+//! `throughput` (what the closed-loop load generators share: a run watched
+//! for server CPU), `wrk` (HTTP/1.1 throughput), `h2load` (HTTP/2
+//! throughput, installed when missing), `loadgen` (fixed-rate latency),
+//! `reload` (the reload storm), `memory` (RSS and mapped copies across
+//! reloads, a server's footprint), `crash` (process mode's crash recovery;
+//! `sockets` tells which worker answered), `criterion` (the request-path
+//! micro-benchmark), `report` (figures, targets, Markdown).
 
 pub mod axum;
 mod crash;
 mod criterion;
 mod events;
+mod h2load;
 mod loadgen;
 mod memory;
 mod procs;
 mod reload;
 mod report;
 mod sockets;
+mod throughput;
 mod tls;
 mod wrk;
 
@@ -31,7 +35,8 @@ use anyhow::{bail, Context as _, Result};
 
 use memory::Footprint;
 use procs::{Binaries, CpuWatch, Kind, Pinning, Server};
-use report::{Comparison, Latency, Machine, Report, Throughput};
+use report::{Comparison, Http2, Latency, Machine, Report, Throughput, TWO_WORKERS};
+use throughput::{watched, LoadResult};
 pub use tls::main as tls_main;
 
 const USAGE: &str = "\
@@ -42,24 +47,29 @@ Builds pounce-host, the sample app and the baseline (bench/baseline, a plain
 hyper server with the same handler compiled in) in release mode, then, with
 the server pinned to one core and the load generator to another:
 
-  1. keep-alive throughput (wrk -t1 -c64), the baseline, pounce-host in
-     thread mode and in process mode (one worker process) alternating,
-     --runs times each: medians, ratios, server CPU per request, memory
+  1. keep-alive throughput over HTTP/1.1 (wrk -t1 -c64): the baseline,
+     pounce-host in thread mode and in process mode (one worker process)
+     alternating, --runs times each: medians, ratios, server CPU per
+     request, memory. Then the baseline and thread mode over HTTP/2 (h2c,
+     h2load -c16 -m8: 16 connections, 8 concurrent streams each), and over
+     HTTP/1.1 with --workers 2 for both, the server and wrk sharing both
+     cores (the load generator on the same cores: a scaling check)
   2. the same with a new connection per request (Connection: close),
      baseline and thread mode
   3. latency at a fixed rate (default 30% of the baseline's keep-alive
      throughput) with coordinated-omission correction: p50, p99, p99.9
   4. a reload storm in each mode: 100 SIGHUPs at 10/s under keep-alive
-     load; failures, throughput and p99 against steady state, signal to
-     new generation published
+     load; failures, throughput and p99 against steady state, the time
+     from each signal to the new generation being published under load
   5. memory: RSS and app copies mapped after 100 and 1000 reloads
   6. the criterion micro-benchmark host/benches/request_path.rs
   7. process mode's crash recovery: a worker crashed --crashes times, time
      until its replacement answers
 
-It prints the results and writes them to bench/results/latest.md.
+Every throughput figure comes with the server's CPU time per request. It
+prints the results and writes them to bench/results/latest.md.
 
-  --quick          short runs (about 2 minutes in all; less precise)
+  --quick          short runs (about 2.5 minutes in all; less precise)
   --duration SECS  throughput run length (default 5); the latency runs take
                    twice that, the storm SECS + 7 (100 reloads at default)
   --runs N         alternations of the servers (default 3)
@@ -68,8 +78,11 @@ It prints the results and writes them to bench/results/latest.md.
   --no-criterion   skip the criterion micro-benchmark
   --out FILE       write the Markdown there instead of bench/results/latest.md
 
-Needs wrk (apt-get install wrk) for throughput; without it those figures
-are skipped and the storm uses the fixed-rate generator as load.
+Needs wrk (apt-get install wrk) for HTTP/1.1 throughput; without it those
+figures are skipped and the storm uses the fixed-rate generator as load.
+Needs h2load for HTTP/2: when it is missing, the bench installs it
+(apt-get install -y nghttp2-client, which needs root); if that fails, the
+HTTP/2 figures are skipped and the report says why.
 ";
 
 /// Everything a run does, with its durations. `cargo xtask bench` fills it
@@ -96,6 +109,8 @@ pub struct Settings {
     pub preflight_reloads: usize,
     /// Worker crashes to time in process mode (0: none).
     pub crashes: usize,
+    /// Install h2load (apt-get) when it is missing.
+    pub install_h2load: bool,
     /// How often a run that other work on the machine disturbed is run
     /// again; the last attempt counts whatever it shows.
     pub retries: usize,
@@ -124,6 +139,7 @@ impl Settings {
             memory_checkpoints: vec![100, 1000],
             preflight_reloads: 100,
             crashes: 20,
+            install_h2load: true,
             retries: 2,
             criterion: criterion::Mode::Measure { warm_up: 1.0, measurement: 3.0 },
             out: Some(pounce_devkit::workspace().join("bench/results/latest.md")),
@@ -261,16 +277,10 @@ pub fn run(settings: &Settings) -> Result<Report> {
     }
 
     let throughput = match &wrk {
-        Some(wrk) => {
-            let compare = |mode, kinds: &[Kind]| compare(wrk, &binaries, &pinning, settings, mode, kinds);
-            Some(Throughput {
-                seconds: settings.throughput_secs,
-                keep_alive: compare(wrk::Mode::KeepAlive, &[Kind::Baseline, Kind::Thread, Kind::PROCESS])?,
-                close: compare(wrk::Mode::Close, &[Kind::Baseline, Kind::Thread])?,
-            })
-        }
+        Some(wrk) => Some(throughput(wrk, &binaries, &pinning, settings)?),
         None => None,
     };
+    let http2 = http2(&binaries, &pinning, settings, &mut notes)?;
 
     let baseline_rps = throughput.as_ref().map_or(0.0, |t| t.keep_alive.rps(Kind::Baseline));
     let (rate, rate_source) = match settings.rate {
@@ -300,7 +310,7 @@ pub fn run(settings: &Settings) -> Result<Report> {
 
     step(&format!("preflight: {} reloads one at a time with --preflight off", settings.preflight_reloads));
     let reload_ms_without_preflight = {
-        let server = Server::start_with(Kind::Thread, &["--preflight", "off"], &binaries, &pinning)?;
+        let server = Server::start_with(Kind::Thread, 1, &["--preflight", "off"], &binaries, &pinning)?;
         (0..settings.preflight_reloads)
             .map(|done| reload::reload_and_wait(&server, done as u64 + 2, reload::RELOAD_TIMEOUT))
             .collect::<Result<Vec<f64>>>()?
@@ -325,7 +335,9 @@ pub fn run(settings: &Settings) -> Result<Report> {
         machine,
         pinning: pinning.description.clone(),
         profile: binaries.profile.to_owned(),
+        throughput_seconds: settings.throughput_secs,
         throughput,
+        http2,
         latency,
         storms,
         storm_seconds: settings.storm_secs,
@@ -403,31 +415,81 @@ fn warm_up(wrk: Option<&Path>, pinning: &Pinning, server: &Server, settings: &Se
     Ok(())
 }
 
-/// wrk against each of `kinds` in turn, `settings.runs` times.
-fn compare(
-    wrk: &Path,
-    binaries: &Binaries,
-    pinning: &Pinning,
-    settings: &Settings,
-    mode: wrk::Mode,
-    kinds: &[Kind],
-) -> Result<Comparison> {
-    let mut comparison = Comparison::new(kinds);
+/// The HTTP/1.1 comparisons with wrk: keep-alive (the baseline, thread
+/// mode, process mode), the same with [`TWO_WORKERS`] worker threads on
+/// cores the server and wrk share, and a new connection per request.
+fn throughput(wrk: &Path, binaries: &Binaries, pinning: &Pinning, settings: &Settings) -> Result<Throughput> {
+    let load = |mode| move |pinning: &Pinning, url: &str, seconds| wrk::run(wrk, pinning, url, seconds, mode);
+    let (keep_alive, close) = (load(wrk::Mode::KeepAlive), load(wrk::Mode::Close));
+    let one_worker = Plan {
+        title: "keep-alive",
+        kinds: &[Kind::Baseline, Kind::Thread, Kind::PROCESS],
+        workers: 1,
+        pinning,
+        load: &keep_alive,
+    };
+    let shared = pinning.shared();
+    let pair = [Kind::Baseline, Kind::Thread];
+    let title = format!("keep-alive, --workers {TWO_WORKERS} on shared cores");
+    let two_workers = Plan { title: &title, kinds: &pair, workers: TWO_WORKERS, pinning: &shared, ..one_worker };
+    let new_connections = Plan { title: "new connection per request", kinds: &pair, load: &close, ..one_worker };
+    Ok(Throughput {
+        keep_alive: compare(binaries, settings, &one_worker)?,
+        two_workers: compare(binaries, settings, &two_workers)?,
+        close: compare(binaries, settings, &new_connections)?,
+        two_workers_placement: shared.description.clone(),
+    })
+}
+
+/// The HTTP/2 comparison with h2load (installed first if it is missing and
+/// `settings` allows), or why there is none.
+fn http2(binaries: &Binaries, pinning: &Pinning, settings: &Settings, notes: &mut Vec<String>) -> Result<Http2> {
+    let h2load = match h2load::find_or_install(settings.install_h2load) {
+        Ok(h2load) => h2load,
+        Err(error) => {
+            let why = format!("{error:#}");
+            eprintln!("warning: {why}; skipping the HTTP/2 figures");
+            notes.push(format!("HTTP/2 figures skipped: {why}."));
+            return Ok(Err(why));
+        }
+    };
+    let load = |pinning: &Pinning, url: &str, seconds| h2load::run(&h2load, pinning, url, seconds);
+    let plan = Plan { title: "HTTP/2 (h2c)", kinds: &[Kind::Baseline, Kind::Thread], workers: 1, pinning, load: &load };
+    Ok(Ok(compare(binaries, settings, &plan)?))
+}
+
+/// One comparison: the servers, their worker threads, where they run, and
+/// the load that measures them (given where to run, the URL and seconds).
+struct Plan<'a, R> {
+    title: &'a str,
+    kinds: &'a [Kind],
+    workers: usize,
+    pinning: &'a Pinning,
+    load: &'a dyn Fn(&Pinning, &str, u64) -> Result<R>,
+}
+
+/// The plan's load against each of its servers in turn, `settings.runs`
+/// times, each on a fresh server after a warm-up.
+fn compare<R: LoadResult>(binaries: &Binaries, settings: &Settings, plan: &Plan<'_, R>) -> Result<Comparison<R>> {
+    let mut comparison = Comparison::new(plan.kinds, plan.workers);
     for round in 0..settings.runs {
-        for kind in order(round, kinds) {
+        for kind in order(round, plan.kinds) {
             step(&format!(
-                "throughput {mode:?}, run {}/{}: {} for {} s",
+                "throughput {}, run {}/{}: {} for {} s",
+                plan.title,
                 round + 1,
                 settings.runs,
                 kind.label(),
                 settings.throughput_secs
             ));
-            let server = Server::start(kind, binaries, pinning)?;
-            warm_up(Some(wrk), pinning, &server, settings)?;
-            let measure =
-                || wrk::run_watched(wrk, pinning, &server.url(), settings.throughput_secs, mode, server.pid());
-            let result = undisturbed(settings.retries, &mut comparison.discarded, measure, |r: &wrk::WrkResult| {
-                r.cpu.disturbed().then(|| format!("{:.2} cores of other work ran meanwhile", r.cpu.foreign))
+            let server = Server::start_with(kind, plan.workers, &[], binaries, plan.pinning)?;
+            let run = |seconds| (plan.load)(plan.pinning, &server.url(), seconds);
+            if settings.warmup_secs > 0 {
+                run(settings.warmup_secs)?;
+            }
+            let measure = || watched(server.pid(), || run(settings.throughput_secs));
+            let result = undisturbed(settings.retries, &mut comparison.discarded, measure, |r: &R| {
+                r.cpu().disturbed().then(|| format!("{:.2} cores of other work ran meanwhile", r.cpu().foreign))
             })?;
             comparison.push(kind, result, Footprint::of(server.pid())?);
         }
@@ -613,6 +675,7 @@ mod tests {
             memory_checkpoints: vec![1, 3],
             preflight_reloads: 2,
             crashes: 2,
+            install_h2load: false,
             retries: 0,
             criterion: criterion::Mode::Check,
             out: None,
@@ -621,24 +684,29 @@ mod tests {
         if wrk::find().is_none() {
             eprintln!("bench_smoke: {}; the wrk-based parts are skipped", wrk::INSTALL_HINT);
         }
+        if h2load::find().is_none() {
+            eprintln!("bench_smoke: h2load is not installed; the HTTP/2 part must be skipped, said so");
+        }
         let report = run(&settings).expect("the bench runs");
 
         if let Some(throughput) = &report.throughput {
-            let [keep_alive, close] = [&throughput.keep_alive, &throughput.close];
-            for (comparison, kinds) in [
-                (keep_alive, &[Kind::Baseline, Kind::Thread, Kind::PROCESS][..]),
-                (close, &[Kind::Baseline, Kind::Thread]),
-            ] {
-                for &kind in kinds {
-                    assert_eq!(comparison.runs(kind).len(), 1, "{kind:?}: {comparison:?}");
-                    assert!(comparison.cpu_us_per_request(kind) > 0.0, "{kind:?}: {comparison:?}");
-                }
-                let ratio = comparison.ratio(Kind::Thread, Kind::Baseline);
-                assert!(ratio.is_finite() && ratio > 0.0, "{comparison:?}");
-            }
+            let [keep_alive, close, two] = [&throughput.keep_alive, &throughput.close, &throughput.two_workers];
+            assert_measured(keep_alive, &[Kind::Baseline, Kind::Thread, Kind::PROCESS]);
+            assert_measured(close, &[Kind::Baseline, Kind::Thread]);
+            assert_measured(two, &[Kind::Baseline, Kind::Thread]);
+            assert_eq!((keep_alive.workers, two.workers), (1, 2));
+            assert!(throughput.two_workers_placement.contains("same cores"), "{}", throughput.two_workers_placement);
             assert!(keep_alive.ratio(Kind::PROCESS, Kind::Thread) > 0.0, "{keep_alive:?}");
             let process = &keep_alive.servers[2];
             assert_eq!(process.footprints[0].processes.len(), 2, "a supervisor and one worker: {process:?}");
+        }
+        match (&report.http2, h2load::find()) {
+            (Ok(http2), _) => assert_measured(http2, &[Kind::Baseline, Kind::Thread]),
+            (Err(why), None) => {
+                assert!(why.contains("h2load"), "{why}");
+                assert!(report.notes.iter().any(|note| note.contains(why.as_str())), "{:?}", report.notes);
+            }
+            (Err(why), Some(path)) => panic!("{} is installed, yet HTTP/2 was not measured: {why}", path.display()),
         }
         let latency = &report.latency;
         assert!(latency.rate > 0.0);
@@ -678,6 +746,7 @@ mod tests {
         for heading in [
             "## Machine",
             "## Summary",
+            "### 1d-1e. HTTP/2 (h2c)",
             "## 3. Latency",
             "## 4. Reload under load",
             "### pounce-host process mode",
@@ -687,6 +756,24 @@ mod tests {
         ] {
             assert!(markdown.contains(heading), "no {heading:?} in:\n{markdown}");
         }
-        assert_eq!(report.targets().len(), 10);
+        if report.throughput.is_some() {
+            assert!(markdown.contains("### 1f. Keep-alive with --workers 2"), "{markdown}");
+        }
+        let targets = report.targets();
+        assert_eq!(targets.len(), 16, "{targets:?}");
+        let cpu_rows = targets.iter().filter(|t| t.figure.contains("server CPU per request")).count();
+        assert_eq!(cpu_rows, 2, "keep-alive and HTTP/2: {targets:?}");
+    }
+
+    /// One run of each of `kinds` in `comparison`, with server CPU per
+    /// request, and a thread mode / baseline ratio.
+    fn assert_measured<R: LoadResult>(comparison: &Comparison<R>, kinds: &[Kind]) {
+        for &kind in kinds {
+            assert_eq!(comparison.runs(kind).len(), 1, "{kind:?}: {comparison:?}");
+            assert!(comparison.cpu_us_per_request(kind) > 0.0, "{kind:?}: {comparison:?}");
+        }
+        let ratio = comparison.ratio(Kind::Thread, Kind::Baseline);
+        assert!(ratio.is_finite() && ratio > 0.0, "{comparison:?}");
+        assert!(comparison.cpu_ratio(Kind::Thread, Kind::Baseline).is_finite(), "{comparison:?}");
     }
 }

@@ -78,6 +78,9 @@ pub struct Pinning {
     taskset: Option<PathBuf>,
     pub server_cpu: Option<usize>,
     pub load_cpu: Option<usize>,
+    /// [`Pinning::shared`]: the CPUs that the server and the load share
+    /// (a `taskset -c` list); the two fields above are then `None`.
+    shared: Option<String>,
     /// How the processes were placed, for the report.
     pub description: String,
 }
@@ -93,6 +96,7 @@ impl Pinning {
                 taskset: Some(taskset),
                 server_cpu: Some(*server),
                 load_cpu: Some(*load),
+                shared: None,
                 description: format!(
                     "server on CPU {server}, load generator on CPU {load} (`taskset -c`; {} CPUs available)",
                     cpus.len()
@@ -102,6 +106,7 @@ impl Pinning {
                 taskset: None,
                 server_cpu: None,
                 load_cpu: None,
+                shared: None,
                 description: if cpus.len() < 2 {
                     format!("not pinned: only {} CPU available, server and load share it", cpus.len())
                 } else if taskset.is_none() {
@@ -113,14 +118,34 @@ impl Pinning {
         }
     }
 
-    /// A command that runs `program` on `cpu` (through `taskset`), or
-    /// unpinned when pinning is off. `taskset` execs the program, so the pid
-    /// is the program's.
+    /// The server and the load generator both on the server's and the load's
+    /// CPUs (`taskset -c 0,1`): for a server with as many worker threads as
+    /// there are CPUs, with the load generator on the same cores.
+    pub fn shared(&self) -> Pinning {
+        let (Some(taskset), Some(server), Some(load)) = (&self.taskset, self.server_cpu, self.load_cpu) else {
+            let description = format!("{}; the load generator on the same cores as the server", self.description);
+            return Pinning { description, ..self.clone() };
+        };
+        Pinning {
+            taskset: Some(taskset.clone()),
+            server_cpu: None,
+            load_cpu: None,
+            shared: Some(format!("{server},{load}")),
+            description: format!(
+                "server and load generator together on CPUs {server} and {load} (`taskset -c {server},{load}`): the load generator on the same cores as the server"
+            ),
+        }
+    }
+
+    /// A command that runs `program` on `cpu` (through `taskset`), or on the
+    /// shared CPUs of a [`Pinning::shared`], or unpinned when pinning is
+    /// off. `taskset` execs the program, so the pid is the program's.
     pub fn command(&self, cpu: Option<usize>, program: &Path) -> Command {
-        match (&self.taskset, cpu) {
-            (Some(taskset), Some(cpu)) => {
+        let cpus = self.shared.clone().or_else(|| cpu.map(|cpu| cpu.to_string()));
+        match (&self.taskset, cpus) {
+            (Some(taskset), Some(cpus)) => {
                 let mut command = Command::new(taskset);
-                command.arg("-c").arg(cpu.to_string()).arg(program);
+                command.arg("-c").arg(cpus).arg(program);
                 command
             }
             _ => Command::new(program),
@@ -541,13 +566,14 @@ impl Kind {
         }
     }
 
-    /// The server's command line after the program, with `extra` before
-    /// the library (pounce-host only; the library goes last). The report
-    /// prints it too.
-    pub fn args(self, extra: &[&str]) -> Vec<String> {
+    /// The server's command line after the program: `workers` worker
+    /// threads (per process in process mode), `extra` before the library
+    /// (pounce-host only; the library goes last). The report prints it too.
+    pub fn args(self, workers: usize, extra: &[&str]) -> Vec<String> {
         let strings = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+        let workers = workers.to_string();
         let mode = match self {
-            Kind::Baseline => return strings(&["--port", "0", "--workers", "1"]),
+            Kind::Baseline => return strings(&["--port", "0", "--workers", &workers]),
             Kind::Thread => Vec::new(),
             Kind::Process { processes } => {
                 let mut mode = strings(&["--mode", "process", "--processes"]);
@@ -557,7 +583,7 @@ impl Kind {
         };
         let mut args = strings(&["serve", "--port", "0", "--log-format", "text"]);
         args.extend(mode);
-        args.extend(strings(&["--workers", "1"]));
+        args.extend(strings(&["--workers", &workers]));
         args.extend(strings(extra));
         args
     }
@@ -617,18 +643,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server on the server CPU (process mode's workers inherit
-    /// the pinning) and waits for its `server_ready` line, which gives the
-    /// address (both servers log one).
+    /// Starts the server with one worker thread on the server CPU (process
+    /// mode's workers inherit the pinning) and waits for its `server_ready`
+    /// line, which gives the address (both servers log one).
     pub fn start(kind: Kind, binaries: &Binaries, pinning: &Pinning) -> Result<Server> {
-        Server::start_with(kind, &[], binaries, pinning)
+        Server::start_with(kind, 1, &[], binaries, pinning)
     }
 
-    /// [`Server::start`] with `extra` pounce-host arguments.
-    pub fn start_with(kind: Kind, extra: &[&str], binaries: &Binaries, pinning: &Pinning) -> Result<Server> {
+    /// [`Server::start`] with `workers` worker threads and `extra`
+    /// pounce-host arguments.
+    pub fn start_with(
+        kind: Kind,
+        workers: usize,
+        extra: &[&str],
+        binaries: &Binaries,
+        pinning: &Pinning,
+    ) -> Result<Server> {
         let program = if kind == Kind::Baseline { &binaries.baseline } else { &binaries.host };
         let mut command = pinning.command(pinning.server_cpu, program);
-        command.args(kind.args(extra));
+        command.args(kind.args(workers, extra));
         if kind != Kind::Baseline {
             command.arg(&binaries.app);
         }
@@ -721,10 +754,12 @@ mod tests {
 
     #[test]
     fn pounce_host_and_the_baseline_get_their_command_lines() {
-        assert_eq!(Kind::Baseline.args(&["--ignored"]), ["--port", "0", "--workers", "1"]);
-        assert_eq!(Kind::Thread.args(&[]).join(" "), "serve --port 0 --log-format text --workers 1");
+        assert_eq!(Kind::Baseline.args(1, &["--ignored"]), ["--port", "0", "--workers", "1"]);
+        assert_eq!(Kind::Baseline.args(2, &[]), ["--port", "0", "--workers", "2"]);
+        assert_eq!(Kind::Thread.args(1, &[]).join(" "), "serve --port 0 --log-format text --workers 1");
+        assert_eq!(Kind::Thread.args(2, &[]).join(" "), "serve --port 0 --log-format text --workers 2");
         assert_eq!(
-            Kind::Process { processes: 2 }.args(&["--app-arg", "faults=on"]).join(" "),
+            Kind::Process { processes: 2 }.args(1, &["--app-arg", "faults=on"]).join(" "),
             "serve --port 0 --log-format text --mode process --processes 2 --workers 1 --app-arg faults=on"
         );
     }

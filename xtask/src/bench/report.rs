@@ -7,10 +7,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::crash::CrashResult;
 use super::criterion::Estimate;
+use super::h2load::H2Result;
 use super::loadgen::LatencyResult;
 use super::memory::{Footprint, MemoryResult, ProcessMemory};
 use super::procs::Kind;
 use super::reload::{StormLoad, StormResult};
+use super::throughput::LoadResult;
 use super::wrk::WrkResult;
 
 /// RSS growth per reload below which memory counts as flat (allocator
@@ -135,31 +137,33 @@ pub fn ratio(numerator: f64, denominator: f64) -> f64 {
     }
 }
 
-/// wrk runs of several servers, alternating.
-#[derive(Clone, Debug, Default)]
-pub struct Comparison {
+/// Closed-loop runs (wrk, h2load) of several servers, alternating.
+#[derive(Clone, Debug)]
+pub struct Comparison<R = WrkResult> {
     /// Each server's runs, servers in the order they were given.
-    pub servers: Vec<ServerRuns>,
+    pub servers: Vec<ServerRuns<R>>,
+    /// Worker threads of every server (per process in process mode).
+    pub workers: usize,
     /// Runs thrown away because other work on the machine disturbed them.
     pub discarded: usize,
 }
 
 /// One server's runs of a [`Comparison`], in run order.
 #[derive(Clone, Debug)]
-pub struct ServerRuns {
+pub struct ServerRuns<R> {
     pub kind: Kind,
-    pub runs: Vec<WrkResult>,
+    pub runs: Vec<R>,
     /// The server's memory right after each run, before it stopped.
     pub footprints: Vec<Footprint>,
 }
 
-impl Comparison {
-    pub fn new(kinds: &[Kind]) -> Comparison {
+impl<R: LoadResult> Comparison<R> {
+    pub fn new(kinds: &[Kind], workers: usize) -> Comparison<R> {
         let servers = kinds.iter().map(|&kind| ServerRuns { kind, runs: Vec::new(), footprints: Vec::new() }).collect();
-        Comparison { servers, discarded: 0 }
+        Comparison { servers, workers, discarded: 0 }
     }
 
-    pub fn push(&mut self, kind: Kind, result: WrkResult, footprint: Footprint) {
+    pub fn push(&mut self, kind: Kind, result: R, footprint: Footprint) {
         if let Some(server) = self.servers.iter_mut().find(|s| s.kind == kind) {
             server.runs.push(result);
             server.footprints.push(footprint);
@@ -167,18 +171,23 @@ impl Comparison {
     }
 
     /// `kind`'s runs; none if it was not compared.
-    pub fn runs(&self, kind: Kind) -> &[WrkResult] {
+    pub fn runs(&self, kind: Kind) -> &[R] {
         self.servers.iter().find(|s| s.kind == kind).map_or(&[], |s| &s.runs)
+    }
+
+    /// The median of `metric` over `kind`'s runs.
+    fn median_of(&self, kind: Kind, metric: fn(&R) -> f64) -> f64 {
+        median(&self.runs(kind).iter().map(metric).collect::<Vec<_>>())
     }
 
     /// The median throughput of `kind`, requests per second.
     pub fn rps(&self, kind: Kind) -> f64 {
-        median(&self.runs(kind).iter().map(|r| r.requests_per_sec).collect::<Vec<_>>())
+        self.median_of(kind, R::requests_per_sec)
     }
 
     /// The median server CPU time per request of `kind`, in microseconds.
     pub fn cpu_us_per_request(&self, kind: Kind) -> f64 {
-        median(&self.runs(kind).iter().map(|r| r.cpu.server / r.requests_per_sec * 1e6).collect::<Vec<_>>())
+        self.median_of(kind, R::cpu_us_per_request)
     }
 
     /// `of`'s throughput relative to `to`'s: the median of the ratios of
@@ -190,18 +199,44 @@ impl Comparison {
         median(&self.pair_ratios(of, to))
     }
 
+    /// `of`'s server CPU per request relative to `to`'s, paired like
+    /// [`Comparison::ratio`].
+    pub fn cpu_ratio(&self, of: Kind, to: Kind) -> f64 {
+        median(&self.pair_ratios_of(of, to, R::cpu_us_per_request))
+    }
+
     /// Each alternation's `of`/`to` throughput ratio, in run order.
     pub fn pair_ratios(&self, of: Kind, to: Kind) -> Vec<f64> {
-        self.runs(of).iter().zip(self.runs(to)).map(|(a, b)| ratio(a.requests_per_sec, b.requests_per_sec)).collect()
+        self.pair_ratios_of(of, to, R::requests_per_sec)
+    }
+
+    pub fn pair_ratios_of(&self, of: Kind, to: Kind, metric: fn(&R) -> f64) -> Vec<f64> {
+        self.runs(of).iter().zip(self.runs(to)).map(|(a, b)| ratio(metric(a), metric(b))).collect()
+    }
+
+    /// Failed requests over all of `kind`'s runs.
+    pub fn failures(&self, kind: Kind) -> u64 {
+        self.runs(kind).iter().map(R::failures).sum()
     }
 }
 
+/// The wrk comparisons (HTTP/1.1).
 #[derive(Clone, Debug)]
 pub struct Throughput {
-    pub seconds: u64,
     pub keep_alive: Comparison,
     pub close: Comparison,
+    /// Keep-alive with [`TWO_WORKERS`] worker threads, the server and wrk
+    /// sharing the cores.
+    pub two_workers: Comparison,
+    /// Where `two_workers` ran.
+    pub two_workers_placement: String,
 }
+
+/// The worker threads of the scaling run.
+pub const TWO_WORKERS: usize = 2;
+
+/// The HTTP/2 comparison, or why it was not measured.
+pub type Http2 = Result<Comparison<H2Result>, String>;
 
 #[derive(Clone, Debug, Default)]
 pub struct Latency {
@@ -242,8 +277,11 @@ pub struct Report {
     pub machine: Machine,
     pub pinning: String,
     pub profile: String,
+    /// The length of each throughput run (wrk and h2load), in seconds.
+    pub throughput_seconds: u64,
     /// `None` when wrk is not installed.
     pub throughput: Option<Throughput>,
+    pub http2: Http2,
     pub latency: Latency,
     /// The reload storm in each mode, thread mode first.
     pub storms: Vec<StormResult>,
@@ -264,8 +302,149 @@ pub struct Target {
     pub figure: String,
     pub measured: String,
     pub target: String,
-    /// `None`: not measured in this run.
-    pub met: Option<bool>,
+    pub verdict: Verdict,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Met,
+    Missed,
+    /// Not measured in this run.
+    Skipped,
+    /// Measured, with no target to meet.
+    Reported,
+}
+
+impl Verdict {
+    pub fn of(met: bool) -> Verdict {
+        if met {
+            Verdict::Met
+        } else {
+            Verdict::Missed
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::Missed => "**missed**",
+            Verdict::Skipped => "skipped",
+            Verdict::Reported => "reported",
+        }
+    }
+}
+
+impl Target {
+    fn skipped(figure: &str, why: &str) -> Target {
+        Target {
+            figure: figure.to_owned(),
+            measured: format!("not measured: {why}"),
+            target: String::new(),
+            verdict: Verdict::Skipped,
+        }
+    }
+}
+
+/// The storm's target for p99 latency during the storm / steady state.
+pub const STORM_P99_RATIO: f64 = 1.3;
+/// The storm's target for signal → new generation published, p99.
+pub const SIGNAL_TO_PUBLISHED_P99_MS: f64 = 10.0;
+
+/// A summary row of `comparison`'s `of` / `to` throughput ratio (at least
+/// `minimum`; no target: reported only), with the medians, server CPU per
+/// request and failed requests beside it.
+fn throughput_row<R: LoadResult>(
+    figure: &str,
+    comparison: Result<&Comparison<R>, &str>,
+    [of, to]: [Kind; 2],
+    minimum: Option<f64>,
+) -> Target {
+    let comparison = match comparison {
+        Ok(comparison) => comparison,
+        Err(why) => return Target::skipped(figure, why),
+    };
+    let value = comparison.ratio(of, to);
+    let failed = comparison.failures(of) + comparison.failures(to);
+    Target {
+        figure: figure.to_owned(),
+        measured: format!(
+            "{value:.3} (medians {:.0} / {:.0} req/s; server CPU {:.2} / {:.2} µs per request, {:.3}x{})",
+            comparison.rps(of),
+            comparison.rps(to),
+            comparison.cpu_us_per_request(of),
+            comparison.cpu_us_per_request(to),
+            comparison.cpu_ratio(of, to),
+            if failed > 0 { format!("; {failed} failed requests") } else { String::new() }
+        ),
+        target: minimum.map_or_else(|| "none: a scaling check".to_owned(), |minimum| format!(">= {minimum}")),
+        verdict: minimum.map_or(Verdict::Reported, |minimum| Verdict::of(value >= minimum)),
+    }
+}
+
+/// A summary row of `comparison`'s `of` / `to` server CPU per request (at
+/// most `maximum`).
+fn cpu_row<R: LoadResult>(
+    figure: &str,
+    comparison: Result<&Comparison<R>, &str>,
+    [of, to]: [Kind; 2],
+    maximum: f64,
+) -> Target {
+    let comparison = match comparison {
+        Ok(comparison) => comparison,
+        Err(why) => return Target::skipped(figure, why),
+    };
+    let value = comparison.cpu_ratio(of, to);
+    Target {
+        figure: figure.to_owned(),
+        measured: format!(
+            "{value:.3} ({:.2} / {:.2} µs per request)",
+            comparison.cpu_us_per_request(of),
+            comparison.cpu_us_per_request(to)
+        ),
+        target: format!("<= {maximum}"),
+        verdict: Verdict::of(value <= maximum),
+    }
+}
+
+/// 4a-4c (thread mode) or 4d-4f (process mode): the storm's failures, its
+/// p99 against steady state, and signal to new generation published.
+fn storm_targets(storm: &StormResult, [first, second, third]: [&str; 3]) -> [Target; 3] {
+    let mode = storm.kind.label().trim_start_matches("pounce-host ");
+    let failures = storm.failures();
+    let (p99_ratio, _) = storm.ratios();
+    let waits = &storm.signal_to_published_ms;
+    let p99_wait = quantile(waits, 0.99);
+    [
+        Target {
+            figure: format!("{first}. reload storm, {mode}: failed requests + socket errors"),
+            measured: failures.to_string(),
+            target: "0".to_owned(),
+            verdict: Verdict::of(failures == 0),
+        },
+        Target {
+            figure: format!("{second}. reload storm, {mode}: p99 during the storm / steady state"),
+            measured: format!("{p99_ratio:.2}"),
+            target: format!("<= {STORM_P99_RATIO}"),
+            verdict: Verdict::of(p99_ratio <= STORM_P99_RATIO),
+        },
+        Target {
+            figure: format!("{third}. reload storm, {mode}: signal → new generation published under load, p99"),
+            measured: format!(
+                "{p99_wait:.1} ms (p50 {:.1}, max {:.1}; {} of {} signals answered)",
+                median(waits),
+                quantile(waits, 1.0),
+                waits.len(),
+                storm.signals
+            ),
+            target: format!("<= {SIGNAL_TO_PUBLISHED_P99_MS} ms, every signal answered"),
+            verdict: Verdict::of(waits.len() == storm.signals && p99_wait <= SIGNAL_TO_PUBLISHED_P99_MS),
+        },
+    ]
+}
+
+/// p50 / p99 / max of `values`.
+fn spread(values: &[f64]) -> String {
+    format!("{:.1} / {:.1} / {:.1}", median(values), quantile(values, 0.99), quantile(values, 1.0))
 }
 
 impl Report {
@@ -316,24 +495,10 @@ impl Report {
             figure: format!("3. p99 latency at {:.0} req/s, thread mode / baseline", self.latency.rate),
             measured: format!("{p99:.2} ({pounce_p99:.0} / {base_p99:.0} µs)"),
             target: "<= 1.1".to_owned(),
-            met: Some(p99 <= 1.1),
+            verdict: Verdict::of(p99 <= 1.1),
         });
-        for (storm, [first, second]) in self.storms.iter().zip([["4a", "4b"], ["4c", "4d"]]) {
-            let mode = storm.kind.label().trim_start_matches("pounce-host ");
-            let failures = storm.failures();
-            targets.push(Target {
-                figure: format!("{first}. reload storm, {mode}: failed requests + socket errors"),
-                measured: failures.to_string(),
-                target: "0".to_owned(),
-                met: Some(failures == 0),
-            });
-            let (p99_storm, _) = storm.ratios();
-            targets.push(Target {
-                figure: format!("{second}. reload storm, {mode}: p99 during the storm / steady state"),
-                measured: format!("{p99_storm:.2}"),
-                target: "<= 1.5".to_owned(),
-                met: Some(p99_storm <= 1.5),
-            });
+        for (storm, labels) in self.storms.iter().zip([["4a", "4b", "4c"], ["4d", "4e", "4f"]]) {
+            targets.extend(storm_targets(storm, labels));
         }
         let last = self.memory.points.last();
         targets.push(Target {
@@ -345,59 +510,52 @@ impl Report {
                 self.fd_growth_per_reload()
             ),
             target: format!("1 copy, no fd growth, RSS < {RSS_NOISE_KIB} KiB per reload"),
-            met: Some(self.memory_flat()),
+            verdict: Verdict::of(self.memory_flat()),
         });
         targets.push(self.crash_target());
         targets
     }
 
-    /// 1a, 1b and 2: throughput ratios, with server CPU per request.
+    /// 1a-1f and 2: throughput and server CPU per request ratios.
     fn throughput_targets(&self) -> Vec<Target> {
-        type Select = fn(&Throughput) -> &Comparison;
-        let (keep_alive, close): (Select, Select) = (|t| &t.keep_alive, |t| &t.close);
-        let rows = [
-            ("1a. keep-alive throughput, thread mode / baseline", keep_alive, Kind::Thread, Kind::Baseline, 0.97),
-            (
-                "1b. keep-alive throughput, process mode (1 worker process) / thread mode",
+        const WRK_MISSING: &str = "wrk missing";
+        let wrk = |select: fn(&Throughput) -> &Comparison| self.throughput.as_ref().map(select).ok_or(WRK_MISSING);
+        let keep_alive = wrk(|t| &t.keep_alive);
+        let http2 = self.http2.as_ref().map_err(String::as_str);
+        let thread_base = [Kind::Thread, Kind::Baseline];
+        vec![
+            throughput_row("1a. keep-alive throughput, thread mode / baseline", keep_alive, thread_base, Some(0.98)),
+            cpu_row("1b. keep-alive server CPU per request, thread mode / baseline", keep_alive, thread_base, 1.01),
+            throughput_row(
+                "1c. keep-alive throughput, process mode (1 worker process) / thread mode",
                 keep_alive,
-                Kind::PROCESS,
-                Kind::Thread,
-                0.95,
+                [Kind::PROCESS, Kind::Thread],
+                Some(0.95),
             ),
-            ("2. new connection per request, thread mode / baseline", close, Kind::Thread, Kind::Baseline, 0.95),
-        ];
-        rows.iter()
-            .map(|&(figure, select, of, to, minimum)| {
-                let Some(comparison) = self.throughput.as_ref().map(select) else {
-                    return Target {
-                        figure: figure.to_owned(),
-                        measured: "not measured (wrk missing)".to_owned(),
-                        target: String::new(),
-                        met: None,
-                    };
-                };
-                let value = comparison.ratio(of, to);
-                Target {
-                    figure: figure.to_owned(),
-                    measured: format!(
-                        "{value:.3} (medians {:.0} / {:.0} req/s; server CPU {:.2} / {:.2} µs per request)",
-                        comparison.rps(of),
-                        comparison.rps(to),
-                        comparison.cpu_us_per_request(of),
-                        comparison.cpu_us_per_request(to)
-                    ),
-                    target: format!(">= {minimum}"),
-                    met: Some(value >= minimum),
-                }
-            })
-            .collect()
+            throughput_row("1d. HTTP/2 (h2c) throughput, thread mode / baseline", http2, thread_base, Some(0.95)),
+            cpu_row("1e. HTTP/2 (h2c) server CPU per request, thread mode / baseline", http2, thread_base, 1.05),
+            throughput_row(
+                &format!(
+                    "1f. keep-alive throughput with --workers {TWO_WORKERS} (load generator on the same cores), thread mode / baseline"
+                ),
+                wrk(|t| &t.two_workers),
+                thread_base,
+                None,
+            ),
+            throughput_row(
+                "2. new connection per request, thread mode / baseline",
+                wrk(|t| &t.close),
+                thread_base,
+                Some(0.95),
+            ),
+        ]
     }
 
     /// 7: crash to replacement serving.
     fn crash_target(&self) -> Target {
         let figure = "7. process mode: crash to replacement serving, p99".to_owned();
         let Some(crash) = &self.crash else {
-            return Target { figure, measured: "not measured".to_owned(), target: String::new(), met: None };
+            return Target::skipped(&figure, "--crashes 0");
         };
         let p99 = quantile(&crash.to_serving_ms, 0.99);
         let unanswered = match crash.unanswered {
@@ -413,12 +571,12 @@ impl Report {
                 quantile(&crash.to_serving_ms, 1.0)
             ),
             target: format!("<= {CRASH_P99_MS} ms"),
-            met: Some(crash.unanswered == 0 && !crash.to_serving_ms.is_empty() && p99 <= CRASH_P99_MS),
+            verdict: Verdict::of(crash.unanswered == 0 && !crash.to_serving_ms.is_empty() && p99 <= CRASH_P99_MS),
         }
     }
 
     pub fn missed(&self) -> Vec<Target> {
-        self.targets().into_iter().filter(|t| t.met == Some(false)).collect()
+        self.targets().into_iter().filter(|t| t.verdict == Verdict::Missed).collect()
     }
 
     pub fn to_markdown(&self) -> String {
@@ -438,7 +596,7 @@ impl Report {
         let _ = writeln!(md, "| placement | {} |", self.pinning);
         let command = |program: &str, kind: Kind, extra: &[&str]| {
             let library = if kind == Kind::Baseline { "" } else { " libsample_app.so" };
-            format!("`{program} {}{library}`", kind.args(extra).join(" "))
+            format!("`{program} {}{library}`", kind.args(1, extra).join(" "))
         };
         let _ = writeln!(
             md,
@@ -452,12 +610,14 @@ impl Report {
         let _ = writeln!(md, "## Summary\n");
         let _ = writeln!(md, "| figure | measured | target | |\n|---|---|---|---|");
         for target in self.targets() {
-            let verdict = match target.met {
-                Some(true) => "met",
-                Some(false) => "**missed**",
-                None => "skipped",
-            };
-            let _ = writeln!(md, "| {} | {} | {} | {verdict} |", target.figure, target.measured, target.target);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                target.figure,
+                target.measured,
+                target.target,
+                target.verdict.text()
+            );
         }
         md.push('\n');
 
@@ -478,51 +638,61 @@ impl Report {
     }
 
     fn throughput_section(&self, md: &mut String) {
-        let _ = writeln!(md, "## 1-2. Throughput (wrk)\n");
-        let Some(throughput) = &self.throughput else {
-            let _ = writeln!(md, "Not measured: {}.\n", super::wrk::INSTALL_HINT);
-            return;
-        };
+        let seconds = self.throughput_seconds;
+        let _ = writeln!(md, "## 1-2. Throughput (wrk, h2load)\n");
         let _ = writeln!(
             md,
-            "`wrk -t1 -c{} -d{}s --latency` on `GET /`, the servers alternating (A B C, then C B A), each run on a fresh server after a 1 s warm-up. Figures are medians over the runs; a ratio is the median of each alternation's ratio (the runs of one alternation are close in time, so they see the same state of this shared machine). Server CPU counts the server process and, in process mode, its worker processes (the supervisor's and the workers' utime + stime). Memory is taken right after each run, with the server idle; in process mode it is the supervisor's plus the worker's (RSS counts the pages they share twice, PSS divides them).\n",
-            super::wrk::CONNECTIONS,
-            throughput.seconds
+            "`GET /` for {seconds} s per run, the servers alternating (A B C, then C B A), each run on a fresh server after a 1 s warm-up. Figures are medians over the runs; a ratio is the median of each alternation's ratio (the runs of one alternation are close in time, so they see the same state of this shared machine). Server CPU counts the server process and, in process mode, its worker processes (the supervisor's and the workers' utime + stime); per request, it is the run's server CPU over its requests. Memory is taken right after each run, with the server idle; in process mode it is the supervisor's plus the worker's (RSS counts the pages they share twice, PSS divides them).\n"
         );
-        for (title, comparison) in [
-            ("Keep-alive", &throughput.keep_alive),
-            ("New connection per request (`-H 'Connection: close'`)", &throughput.close),
-        ] {
-            let _ = writeln!(md, "### {title}\n");
-            comparison_table(md, comparison);
-            if comparison.discarded > 0 {
-                let _ = writeln!(
-                    md,
-                    "\n{} run(s) were discarded and run again: other work on the machine used more than {} of a core meanwhile.",
-                    comparison.discarded,
-                    super::procs::MAX_FOREIGN_CPU
-                );
+        let wrk = format!("`wrk -t1 -c{} -d{seconds}s --latency`", super::wrk::CONNECTIONS);
+        match &self.throughput {
+            Some(t) => comparison_section(md, "1a-1c. Keep-alive (HTTP/1.1)", &format!("{wrk}."), &t.keep_alive),
+            None => {
+                let _ = writeln!(md, "HTTP/1.1 not measured: {}.\n", super::wrk::INSTALL_HINT);
             }
-            md.push('\n');
-            for (of, to) in
-                [(Kind::Thread, Kind::Baseline), (Kind::PROCESS, Kind::Thread), (Kind::PROCESS, Kind::Baseline)]
-            {
-                if comparison.runs(of).is_empty() || comparison.runs(to).is_empty() {
-                    continue;
-                }
-                let pairs: Vec<String> = comparison.pair_ratios(of, to).iter().map(|r| format!("{r:.3}")).collect();
-                let _ = writeln!(
-                    md,
-                    "- {} / {}: **{:.3}** (the alternations' ratios: {})",
-                    of.label(),
-                    to.label(),
-                    comparison.ratio(of, to),
-                    pairs.join(", ")
-                );
-            }
-            md.push('\n');
-            process_memory_line(md, comparison);
         }
+        self.http2_section(md);
+        let Some(t) = &self.throughput else { return };
+        let shared = format!(
+            "{wrk}; {}. A scaling check: with as many worker threads as cores, wrk takes CPU from the server, so req/s is lower than with one pinned worker; the ratios and CPU per request are what compare.",
+            t.two_workers_placement
+        );
+        comparison_section(md, &format!("1f. Keep-alive with --workers {TWO_WORKERS}"), &shared, &t.two_workers);
+        let close = format!("{wrk} `-H 'Connection: close'`: a new TCP connection for every request.");
+        comparison_section(md, "2. New connection per request", &close, &t.close);
+    }
+
+    fn http2_section(&self, md: &mut String) {
+        let comparison = match &self.http2 {
+            Ok(comparison) => comparison,
+            Err(why) => {
+                let _ = writeln!(md, "### 1d-1e. HTTP/2 (h2c)\n\nNot measured: {why}.\n");
+                return;
+            }
+        };
+        let intro = format!(
+            "`h2load {}` (HTTP/2 over cleartext with prior knowledge: {} connections with up to {} concurrent streams each). h2load gives latency as mean and max only.",
+            super::h2load::args(self.throughput_seconds).join(" "),
+            super::h2load::CLIENTS,
+            super::h2load::STREAMS
+        );
+        comparison_section(md, "1d-1e. HTTP/2 (h2c)", &intro, comparison);
+        let counts: Vec<String> = comparison
+            .servers
+            .iter()
+            .map(|server| {
+                let sum = |f: fn(&H2Result) -> u64| server.runs.iter().map(f).sum::<u64>();
+                format!(
+                    "{} {} succeeded, {} failed ({} errored, {} timed out)",
+                    server.kind.label(),
+                    sum(|r| r.succeeded),
+                    sum(|r| r.failed),
+                    sum(|r| r.errored),
+                    sum(|r| r.timeout)
+                )
+            })
+            .collect();
+        let _ = writeln!(md, "h2load's request counts over the runs: {}.\n", counts.join("; "));
     }
 
     fn latency_section(&self, md: &mut String) {
@@ -594,11 +764,10 @@ impl Report {
             let cells: Vec<String> = self.storms.iter().map(cell).collect();
             let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
         };
-        let spread = |values: &[f64]| {
-            format!("{:.1} / {:.1} / {:.1}", median(values), quantile(values, 0.99), quantile(values, 1.0))
-        };
         row(md, "generations published / signals", &|s| format!("{} / {}", s.published, s.signals));
-        row(md, "signal → new generation published, ms: p50 / p99 / max", &|s| spread(&s.signal_to_published_ms));
+        row(md, "signal → new generation published (during the storm), ms: p50 / p99 / max", &|s| {
+            spread(&s.signal_to_published_ms)
+        });
         row(md, "signals answered by a published generation", &|s| {
             format!("{} / {}", s.signal_to_published_ms.len(), s.signals)
         });
@@ -719,28 +888,63 @@ impl Report {
     }
 }
 
-/// One row per server: throughput, latency, errors, CPU, memory.
-fn comparison_table(md: &mut String, comparison: &Comparison) {
+/// A comparison's subsection: `title`, `intro` (the load and the
+/// servers), the table, and each pair's ratios.
+fn comparison_section<R: LoadResult>(md: &mut String, title: &str, intro: &str, comparison: &Comparison<R>) {
+    let _ = writeln!(md, "### {title}\n\n{intro} Each server with `--workers {}`.\n", comparison.workers);
+    comparison_table(md, comparison);
+    if comparison.discarded > 0 {
+        let _ = writeln!(
+            md,
+            "\n{} run(s) were discarded and run again: other work on the machine used more than {} of a core meanwhile.",
+            comparison.discarded,
+            super::procs::MAX_FOREIGN_CPU
+        );
+    }
+    md.push('\n');
+    let list = |ratios: Vec<f64>| ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ");
+    for (of, to) in [(Kind::Thread, Kind::Baseline), (Kind::PROCESS, Kind::Thread), (Kind::PROCESS, Kind::Baseline)] {
+        if comparison.runs(of).is_empty() || comparison.runs(to).is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "- {} / {}: throughput **{:.3}** (the alternations' ratios: {}), server CPU per request **{:.3}** ({})",
+            of.label(),
+            to.label(),
+            comparison.ratio(of, to),
+            list(comparison.pair_ratios(of, to)),
+            comparison.cpu_ratio(of, to),
+            list(comparison.pair_ratios_of(of, to, R::cpu_us_per_request)),
+        );
+    }
+    md.push('\n');
+    process_memory_line(md, comparison);
+}
+
+/// One row per server: throughput, latency, failures, CPU, memory.
+fn comparison_table<R: LoadResult>(md: &mut String, comparison: &Comparison<R>) {
+    let [first, second] = R::LATENCY;
     let _ = writeln!(
         md,
-        "| server | req/s (median) | runs (req/s) | p50 µs | p99 µs | errors | server CPU (cores) | server CPU µs per request | RSS MiB | PSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| server | req/s (median) | runs (req/s) | {first} µs | {second} µs | failed | server CPU (cores) | server CPU µs per request | RSS MiB | PSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for server in &comparison.servers {
         let runs = &server.runs;
-        let of = |f: fn(&WrkResult) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
-        let list: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.requests_per_sec)).collect();
-        let errors: u64 = runs.iter().map(WrkResult::failures).sum();
+        let of = |f: &dyn Fn(&R) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        let list: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.requests_per_sec())).collect();
         let memory =
             |f: fn(&Footprint) -> u64| mib(median(&server.footprints.iter().map(|m| f(m) as f64).collect::<Vec<_>>()));
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {:.0} | {:.0} | {errors} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            "| {} | {:.0} | {} | {:.0} | {:.0} | {} | {:.2} | {:.2} | {:.1} | {:.1} |",
             server.kind.label(),
             comparison.rps(server.kind),
             list.join(", "),
-            of(|r| r.p50_us),
-            of(|r| r.p99_us),
-            of(|r| r.cpu.server),
+            of(&|r| r.latency_us()[0]),
+            of(&|r| r.latency_us()[1]),
+            comparison.failures(server.kind),
+            of(&|r| r.cpu().server),
             comparison.cpu_us_per_request(server.kind),
             memory(Footprint::rss_kib),
             memory(Footprint::pss_kib),
@@ -750,7 +954,7 @@ fn comparison_table(md: &mut String, comparison: &Comparison) {
 
 /// Process mode's memory split into the supervisor and its worker(s):
 /// medians over the runs.
-fn process_memory_line(md: &mut String, comparison: &Comparison) {
+fn process_memory_line<R>(md: &mut String, comparison: &Comparison<R>) {
     let Some(server) = comparison.servers.iter().find(|s| matches!(s.kind, Kind::Process { .. })) else { return };
     // Per run: supervisor RSS, PSS; workers RSS, PSS.
     let split: Vec<[u64; 4]> = server
@@ -789,6 +993,7 @@ fn storm_table(md: &mut String, storm: &StormResult) {
             row(md, "socket errors", &|r| r.socket_errors.total().to_string());
             row(md, "non-2xx", &|r| r.non_2xx.to_string());
             row(md, "server CPU (cores)", &|r| format!("{:.2}", r.cpu.server));
+            row(md, "server CPU µs per request", &|r| format!("{:.2}", r.cpu_us_per_request()));
         }
         StormLoad::FixedRate { steady: [before, after], storm } => {
             let _ = writeln!(md, "| load | fixed rate {:.0} req/s (wrk missing) | same | same |", storm.rate);
@@ -799,6 +1004,7 @@ fn storm_table(md: &mut String, storm: &StormResult) {
             row(md, "p99 µs", &|r| format!("{:.1}", r.p99_us));
             row(md, "failed", &|r| r.failures().to_string());
             row(md, "server CPU (cores)", &|r| format!("{:.2}", r.cpu.server));
+            row(md, "server CPU µs per request", &|r| format!("{:.2}", ratio(r.cpu.server * 1e6, r.rate)));
         }
     }
 }

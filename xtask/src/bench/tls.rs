@@ -112,7 +112,7 @@ fn rounds(
             let mut command = match kind {
                 Kind::Thread | Kind::Process { .. } => {
                     let mut command = pinning.command(pinning.server_cpu, &binaries.host);
-                    command.args(kind.args(&[]));
+                    command.args(kind.args(1, &[]));
                     command.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key).arg(&binaries.app);
                     command
                 }

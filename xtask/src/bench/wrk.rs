@@ -1,11 +1,11 @@
 //! Throughput with `wrk` (`wrk -t1 -c64 --latency`), and its output parsed.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::procs::{find_program, CpuUse, CpuWatch, Pinning, Proc};
+use super::procs::{find_program, CpuUse, Pinning, Proc};
+use super::throughput::{self, LoadResult};
 
 /// What to tell someone without wrk.
 pub const INSTALL_HINT: &str = "wrk is not installed: install it with `apt-get install wrk` (Debian/Ubuntu)";
@@ -90,13 +90,8 @@ pub fn start(wrk: &Path, pinning: &Pinning, url: &str, seconds: u64, mode: Mode)
 }
 
 /// Waits (bounded) for a wrk started with [`start`] and parses its report.
-pub fn finish(mut proc: Proc, seconds: u64) -> Result<WrkResult> {
-    let status = proc.wait(Duration::from_secs(seconds.max(1) + 30))?;
-    let out = proc.stdout.text();
-    if !status.success() {
-        bail!("wrk failed ({status}):\n{out}\n{}", proc.stderr.text());
-    }
-    parse(&out).with_context(|| format!("cannot read wrk's report:\n{out}"))
+pub fn finish(proc: Proc, seconds: u64) -> Result<WrkResult> {
+    throughput::finish(proc, "wrk", seconds, parse)
 }
 
 /// Runs wrk to the end.
@@ -104,28 +99,28 @@ pub fn run(wrk: &Path, pinning: &Pinning, url: &str, seconds: u64, mode: Mode) -
     finish(start(wrk, pinning, url, seconds, mode)?, seconds)
 }
 
-/// [`run`] with the CPU of the server (`server_pid` and its children)
-/// counted into the result, and a line printed about it.
-pub fn run_watched(
-    wrk: &Path,
-    pinning: &Pinning,
-    url: &str,
-    seconds: u64,
-    mode: Mode,
-    server_pid: i32,
-) -> Result<WrkResult> {
-    let watch = CpuWatch::start(server_pid)?;
-    let mut result = run(wrk, pinning, url, seconds, mode)?;
-    result.cpu = watch.finish()?;
-    eprintln!(
-        "    {:.0} req/s, p99 {:.0} µs, failures {}, server CPU {:.2}, other CPU {:.2}",
-        result.requests_per_sec,
-        result.p99_us,
-        result.failures(),
-        result.cpu.server,
-        result.cpu.foreign
-    );
-    Ok(result)
+impl LoadResult for WrkResult {
+    const LATENCY: [&'static str; 2] = ["p50", "p99"];
+
+    fn requests_per_sec(&self) -> f64 {
+        self.requests_per_sec
+    }
+
+    fn failures(&self) -> u64 {
+        WrkResult::failures(self)
+    }
+
+    fn latency_us(&self) -> [f64; 2] {
+        [self.p50_us, self.p99_us]
+    }
+
+    fn cpu(&self) -> CpuUse {
+        self.cpu
+    }
+
+    fn set_cpu(&mut self, cpu: CpuUse) {
+        self.cpu = cpu;
+    }
 }
 
 /// Reads wrk's `--latency` report.
@@ -160,8 +155,9 @@ pub fn parse(text: &str) -> Result<WrkResult> {
     Ok(result)
 }
 
-/// `812.00us`, `3.32ms`, `1.01s`, `2.00m` → microseconds.
-fn duration_us(text: &str) -> Result<f64> {
+/// `812.00us`, `3.32ms`, `1.01s`, `2.00m` → microseconds (wrk's and
+/// h2load's notation).
+pub fn duration_us(text: &str) -> Result<f64> {
     let split = text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: f64 = number.parse().with_context(|| format!("duration {text:?}"))?;
