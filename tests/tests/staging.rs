@@ -53,8 +53,10 @@ async fn serves_and_reloads_without_a_usable_tmpdir() {
         assert_eq!(version(&server).await, format!("Hello from sample-app (generation {generation})\n"));
     }
     let files = one_copy_mapped(&server).await;
+    // The copy may be one made for an earlier generation of the same bytes
+    // and reused once that generation was unmapped: named for that one.
     assert!(
-        files.iter().all(|f| f.starts_with("/memfd:pounce-host-g3-") && f.ends_with("libsample_app.so")),
+        files.iter().all(|f| f.starts_with("/memfd:pounce-host-g") && f.ends_with("libsample_app.so")),
         "generation 3 is mapped from an in-memory copy: {files:?}"
     );
     assert!(!server.logs().contains("staging"), "no fallback:\n{}", server.logs());

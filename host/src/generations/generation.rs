@@ -8,14 +8,20 @@
 //! when nothing can call into it any more: that drop is what unloads it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use super::background::Background;
+use super::copies::Lent;
 use super::stalls::{self, CallKind};
 use super::unload;
 use crate::ffi::{AppInfo, Lease, LoadedApp};
+
+/// How long an app's `drain` may run before the next generation's drain
+/// gets a thread of its own: telling the app is a moment's work.
+const DRAIN_STUCK_AFTER: Duration = Duration::from_millis(100);
 
 /// One loaded copy of the app library and its app instance.
 pub struct Generation {
@@ -34,13 +40,17 @@ pub struct Generation {
     cancel: watch::Sender<bool>,
     /// How long the app's `shutdown` may wait for its threads.
     unload_timeout: Duration,
+    /// The in-memory copy the library was opened from, for reuse once it
+    /// is unmapped.
+    copy: Option<Lent>,
 }
 
 impl Generation {
-    pub fn new(number: u64, app: LoadedApp, unload_timeout: Duration) -> Generation {
+    pub fn new(number: u64, app: LoadedApp, unload_timeout: Duration, copy: Option<Lent>) -> Generation {
         Generation {
             number,
             app: Some(app),
+            copy,
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -109,17 +119,21 @@ impl Generation {
         }
     }
 
-    /// Tells the app it gets no new requests, on a thread of its own: an
-    /// app whose `drain` blocks must hold up neither the serving threads
-    /// nor a shutdown. The thread holds a lease, so the code stays loaded
+    /// Tells the app it gets no new requests, on a long-lived background
+    /// thread (`pounce-drain`): an app whose `drain` blocks must hold up
+    /// neither the serving threads nor a shutdown (nor, for longer than
+    /// [`DRAIN_STUCK_AFTER`], the next generation's drain: see
+    /// [`Background`]). The job holds a lease, so the code stays loaded
     /// while it runs.
     pub fn drain_in_background(self: &Arc<Self>) {
+        static DRAINS: OnceLock<Background> = OnceLock::new();
+        let drains = DRAINS.get_or_init(|| Background::new("pounce-drain", || {}, DRAIN_STUCK_AFTER));
         let generation = self.clone();
-        let spawned = std::thread::Builder::new().name(format!("pounce-drain-g{}", self.number)).spawn(move || {
+        let queued = drains.submit(move || {
             let _running = stalls::enter(CallKind::Drain, generation.number, None);
             generation.app().drain();
         });
-        if let Err(e) = spawned {
+        if let Err(e) = queued {
             tracing::warn!(generation = self.number, "cannot start the app's drain: {e}");
         }
     }
@@ -147,7 +161,7 @@ impl Drop for Generation {
     /// The last lease is gone: nothing can call into the library any more.
     fn drop(&mut self) {
         if let Some(app) = self.app.take() {
-            unload::release(self.number, app, self.unload_timeout);
+            unload::release(self.number, app, self.unload_timeout, self.copy.take());
         }
     }
 }

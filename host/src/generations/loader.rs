@@ -8,7 +8,8 @@
 //! `/proc/self/fd/N`: nothing is written to a file system (a read-only or
 //! `noexec` /tmp does not matter) and a crash leaves nothing behind. The
 //! library keeps that descriptor open while it is mapped, so the path names
-//! it alone. Where in-memory files are not available (`ENOSYS`/`EPERM`, or
+//! it alone. A copy whose generation was unmapped is reused for the same
+//! bytes (see [`super::copies`]). Where in-memory files are not available (`ENOSYS`/`EPERM`, or
 //! no /proc), copies go to a private directory under `staging_dir` instead,
 //! unlinked once mapped and removed at exit; such directories that a crashed
 //! server left behind are removed at start.
@@ -22,8 +23,11 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::background::Background;
+use super::copies::{self, Buffer, ContentHash, Copy, Lent, Pool};
 use super::elf::{self, ElfProblem};
 use super::generation::Generation;
 use super::trust::{self, Insecure};
@@ -93,6 +97,14 @@ pub struct LoaderSettings {
 }
 
 /// Loads generations of one app library.
+///
+/// A reload's load ([`Loader::load_checked`]) runs on two long-lived
+/// threads of the loader's own (see [`Background`]), never on a serving
+/// thread and never on a new thread per load: the file checks, the copy,
+/// the preflight and the `dlopen` on a background-priority thread
+/// (`pounce-loader`: see `ffi::priority`), the app's `init` on a thread of
+/// normal priority (`pounce-init`), since the app's own runtime threads
+/// inherit the priority of the thread that starts them.
 pub struct Loader {
     source: PathBuf,
     copies: Copies,
@@ -104,6 +116,12 @@ pub struct Loader {
     /// Numbers every copy: a failed load of generation N and its retry must
     /// not share a name.
     loads: AtomicU64,
+    /// In-memory copies whose generation was unmapped, for reuse.
+    pool: Arc<Pool>,
+    /// The read buffer of the copy and the hash (loads are serialized).
+    buffer: Mutex<Buffer>,
+    background: Background,
+    initializer: Background,
 }
 
 /// Where the per-generation copies live.
@@ -117,7 +135,44 @@ enum Copies {
 /// What a successful load took.
 pub struct Loaded {
     pub generation: Generation,
+    /// The load without the preflight: file checks, copy, open, init.
     pub duration: Duration,
+}
+
+/// The bytes a load is about to open, as a check before the open sees them.
+pub enum Prepared {
+    /// An in-memory copy (new, or reused from an earlier generation).
+    Memory { copy: Copy, reused: bool },
+    /// A copy in the staging directory (no in-memory files), and its hash.
+    Staged { path: PathBuf, hash: ContentHash },
+}
+
+impl Prepared {
+    /// The hash of the bytes.
+    pub fn hash(&self) -> ContentHash {
+        match self {
+            Prepared::Memory { copy, .. } => copy.hash,
+            Prepared::Staged { hash, .. } => *hash,
+        }
+    }
+}
+
+/// A check run on the loader's thread between the copy and the open (the
+/// preflight).
+pub type Check = Box<dyn FnOnce(&Loader, &Prepared) -> Result<(), LoadError> + Send>;
+
+/// How long a job of the loader's threads may run before the next one gets
+/// a new thread: none. Loads are serialized by their callers, so a job
+/// still running when the next is queued is one abandoned at its time limit
+/// (an `init` that hangs).
+const STUCK_AFTER: Duration = Duration::ZERO;
+
+/// A library opened, its app not initialised yet.
+struct Opened {
+    library: OpenedLibrary,
+    copy: Option<Copy>,
+    /// The copy and the open, without the check.
+    took: Duration,
 }
 
 impl Loader {
@@ -147,6 +202,10 @@ impl Loader {
             allow_insecure_library: settings.allow_insecure_library,
             server_uid,
             loads: AtomicU64::new(0),
+            pool: Arc::new(Pool::default()),
+            buffer: Mutex::new(Buffer::new()),
+            background: Background::new("pounce-loader", priority::lower_this_thread, STUCK_AFTER),
+            initializer: Background::new("pounce-init", || {}, STUCK_AFTER),
         })
     }
 
@@ -162,77 +221,147 @@ impl Loader {
         }
     }
 
-    /// Loads the library as generation `number`: check it, copy it, check
-    /// the copy, open it, check the ABI, run the app's init. Blocking. The
-    /// checks, copy and open run on a background-priority thread (a reload
-    /// under load should take CPU from requests as little as possible); the
-    /// init runs on a short-lived thread of normal priority, since the app's
-    /// own runtime threads inherit it.
+    /// Loads the library as generation `number`: check it, copy it (or
+    /// reuse an unmapped copy of the same bytes), check the copy, open it,
+    /// check the ABI, run the app's init. Blocking, on the calling thread
+    /// but for the init, which runs on a short-lived thread of its own: for
+    /// the first generation, `check` and process mode's workers, where
+    /// nothing is being served yet.
     pub fn load(&self, number: u64) -> Result<Loaded, LoadError> {
-        check_source(&self.source)?;
-        self.load_with(number, || self.open_source())
+        let opened = self.copy_and_open(number, None)?;
+        std::thread::scope(|scope| {
+            let init = std::thread::Builder::new()
+                .name(format!("pounce-init-g{number}"))
+                .spawn_scoped(scope, || self.init(number, opened))
+                .map_err(LoadError::Thread)?;
+            init.join().unwrap_or_else(|_| Err(self.crashed()))
+        })
     }
 
-    /// Loads generation `number` from `bytes`, an open copy of the library
-    /// (already checked: a preflighted snapshot), rather than from the file.
-    pub fn load_from(&self, number: u64, bytes: File) -> Result<Loaded, LoadError> {
-        self.load_with(number, || Ok(bytes))
+    /// [`Loader::load`] for a reload: awaits the loader's threads, and runs
+    /// `check` (the preflight) on the loader's thread before the open.
+    pub async fn load_checked(self: &Arc<Self>, number: u64, check: Option<Check>) -> Result<Loaded, LoadError> {
+        let this = self.clone();
+        let opened = self.background.run(move || this.copy_and_open(number, check)).map_err(LoadError::Thread)?;
+        let opened = opened.await.unwrap_or_else(|_| Err(self.crashed()))?;
+        let this = self.clone();
+        let loaded = self.initializer.run(move || this.init(number, opened)).map_err(LoadError::Thread)?;
+        loaded.await.unwrap_or_else(|_| Err(self.crashed()))
     }
 
-    fn load_with(
-        &self,
-        number: u64,
-        source: impl FnOnce() -> Result<File, LoadError> + Send,
-    ) -> Result<Loaded, LoadError> {
+    fn crashed(&self) -> LoadError {
+        LoadError::Crashed { path: self.source.clone() }
+    }
+
+    /// The part of a load on the background thread: the bytes, the check,
+    /// the open.
+    fn copy_and_open(&self, number: u64, check: Option<Check>) -> Result<Opened, LoadError> {
         let started = Instant::now();
-        let app = std::thread::scope(|scope| {
-            let opened = run_on_thread(scope, &self.source, format!("pounce-open-g{number}"), || {
-                priority::lower_this_thread();
-                self.copy_and_open(number, source()?)
-            })??;
-            run_on_thread(scope, &self.source, format!("pounce-init-g{number}"), || {
-                opened.init(&self.settings, self.max_log_level)
-            })?
-            .map_err(|reason| LoadError::Open { path: self.source.clone(), reason })
-        })?;
-        Ok(Loaded { generation: Generation::new(number, app, self.unload_timeout), duration: started.elapsed() })
+        let prepared = self.prepare(number)?;
+        let copied = started.elapsed();
+        let checked = Instant::now();
+        if let Some(check) = check {
+            check(self, &prepared)?;
+        }
+        let checking = checked.elapsed();
+        let opened = self.open(number, prepared)?;
+        let took = started.elapsed().saturating_sub(checking);
+        tracing::debug!(
+            generation = number,
+            copy = if opened.reused { "reused" } else { "new" },
+            copy_ms = copied.as_secs_f64() * 1000.0,
+            open_ms = took.saturating_sub(copied).as_secs_f64() * 1000.0,
+            "library opened"
+        );
+        Ok(Opened { library: opened.library, copy: opened.copy, took })
     }
 
-    /// Copies the library, checks the copy (so a file replaced meanwhile
-    /// cannot mix two versions) and opens it.
-    fn copy_and_open(&self, number: u64, source: File) -> Result<OpenedLibrary, LoadError> {
+    /// Checks the file and makes the copy to open: an unmapped in-memory
+    /// copy of the same bytes if the pool has one, else a new one (hashed
+    /// as it is written, and its ELF headers checked).
+    fn prepare(&self, number: u64) -> Result<Prepared, LoadError> {
+        check_source(&self.source)?;
+        let file = self.open_source()?;
         let load = self.loads.fetch_add(1, Ordering::Relaxed);
         let name = copy_name(&self.source, number, load);
-        let opened = |result: Result<OpenedLibrary, OpenError>| {
-            result.map_err(|reason| LoadError::Open { path: self.source.clone(), reason })
-        };
         match &self.copies {
             Copies::Memory => {
-                let copy = copy_to_memory(source, &name)
-                    .map_err(|error| LoadError::Memory { path: self.source.clone(), error })?;
-                check_elf(&self.source, &copy)?;
-                opened(OpenedLibrary::open_file(copy, number))
+                let mut buffer = self.buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if self.pool.has_free() {
+                    let hash = copies::hash(&file, &mut buffer)
+                        .map_err(|error| LoadError::Unreadable { path: self.source.clone(), error })?;
+                    if let Some(copy) = self.pool.take(hash) {
+                        return Ok(Prepared::Memory { copy, reused: true });
+                    }
+                }
+                let memory = |error| LoadError::Memory { path: self.source.clone(), error };
+                let into = process::memfd(&name).map_err(memory)?;
+                let (hash, _) = copies::copy_hashing(&file, Some(&into), &mut buffer).map_err(memory)?;
+                check_elf(&self.source, &into)?;
+                Ok(Prepared::Memory { copy: Copy { file: into, hash }, reused: false })
             }
             Copies::Staging(staging) => {
-                let path = staging.copy_in(source, &name).map_err(|error| LoadError::Stage {
+                let mut buffer = self.buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let (path, hash) = staging.copy_in(&file, &name, &mut buffer).map_err(|error| LoadError::Stage {
                     path: self.source.clone(),
                     staging: staging.path.clone(),
                     error,
                 })?;
+                Ok(Prepared::Staged { path, hash })
+            }
+        }
+    }
+
+    /// Opens the prepared copy. An in-memory copy is opened through a
+    /// descriptor of its own (which the library keeps while it is mapped);
+    /// the loader keeps the copy's first descriptor, for its pool.
+    fn open(&self, number: u64, prepared: Prepared) -> Result<OpenedCopy, LoadError> {
+        let opened = |result: Result<OpenedLibrary, OpenError>| {
+            result.map_err(|reason| LoadError::Open { path: self.source.clone(), reason })
+        };
+        match prepared {
+            Prepared::Memory { copy, reused } => {
+                let file =
+                    copy.file.try_clone().map_err(|error| LoadError::Memory { path: self.source.clone(), error })?;
+                let library = opened(OpenedLibrary::open_file(file, number))?;
+                Ok(OpenedCopy { library, copy: Some(copy), reused })
+            }
+            Prepared::Staged { path, .. } => {
                 let result = File::open(&path)
                     .map_err(|error| LoadError::Unreadable { path: self.source.clone(), error })
                     .and_then(|copy| check_elf(&self.source, &copy))
                     .and_then(|()| opened(OpenedLibrary::open(&path, number)));
                 // Mapped (or failed): the copy's name is no longer needed.
                 let _ = fs::remove_file(&path);
-                result
+                Ok(OpenedCopy { library: result?, copy: None, reused: false })
             }
         }
+    }
+
+    /// The part of a load on the init thread: the app's `init`.
+    fn init(&self, number: u64, opened: Opened) -> Result<Loaded, LoadError> {
+        let started = Instant::now();
+        let app = opened
+            .library
+            .init(&self.settings, self.max_log_level)
+            .map_err(|reason| LoadError::Open { path: self.source.clone(), reason })?;
+        let lent = opened.copy.map(|copy| Lent::new(copy, self.pool.clone()));
+        Ok(Loaded {
+            generation: Generation::new(number, app, self.unload_timeout, lent),
+            duration: opened.took + started.elapsed(),
+        })
     }
 
     fn open_source(&self) -> Result<File, LoadError> {
         open_library(&self.source, (!self.allow_insecure_library).then_some(self.server_uid))
     }
+}
+
+/// What [`Loader::open`] gives.
+struct OpenedCopy {
+    library: OpenedLibrary,
+    copy: Option<Copy>,
+    reused: bool,
 }
 
 /// Opens the library file at `path` and, with `trusted_by` (the server's
@@ -261,17 +390,6 @@ pub fn open_library(path: &Path, trusted_by: Option<u32>) -> Result<File, LoadEr
         return Ok(file);
     }
     Err(LoadError::Unsettled { path: path.to_owned() })
-}
-
-/// Runs `work` on a named scoped thread and waits for it.
-fn run_on_thread<'scope, T: Send + 'scope>(
-    scope: &'scope std::thread::Scope<'scope, '_>,
-    source: &Path,
-    name: String,
-    work: impl FnOnce() -> T + Send + 'scope,
-) -> Result<T, LoadError> {
-    let thread = std::thread::Builder::new().name(name).spawn_scoped(scope, work).map_err(LoadError::Thread)?;
-    thread.join().map_err(|_| LoadError::Crashed { path: source.to_owned() })
 }
 
 /// Checks the ELF headers of `copy` (a copy of `source`, named in errors):
@@ -335,15 +453,6 @@ fn in_memory_copies() -> Result<(), String> {
     fs::metadata(&path).map(drop).map_err(|e| format!("{path}: {e}; is /proc mounted?"))
 }
 
-/// Copies the open library `source` into a new in-memory file named `name`
-/// (in the kernel: `io::copy` between files uses `copy_file_range` or
-/// `sendfile`).
-fn copy_to_memory(mut source: File, name: &str) -> io::Result<File> {
-    let mut copy = process::memfd(name)?;
-    io::copy(&mut source, &mut copy)?;
-    Ok(copy)
-}
-
 /// Removes the staging directories (`pounce-host-<pid>-*`) under `base` that
 /// belong to `uid` and whose process is gone: what a server that crashed or
 /// was killed left behind. Returns how many it removed.
@@ -392,10 +501,10 @@ impl StagingDir {
         Ok(StagingDir { path })
     }
 
-    /// Copies the open library `source` to `name` in the directory (in the
-    /// kernel, as [`copy_to_memory`]). The copy is written under a temporary
-    /// name and renamed, so the loader never sees a partial file.
-    fn copy_in(&self, mut source: File, name: &str) -> io::Result<PathBuf> {
+    /// Copies the open library `source` to `name` in the directory,
+    /// hashing it as it goes. The copy is written under a temporary name
+    /// and renamed, so the loader never sees a partial file.
+    fn copy_in(&self, source: &File, name: &str, buffer: &mut Buffer) -> io::Result<(PathBuf, ContentHash)> {
         let target = self.path.join(name);
         let partial = self.path.join(format!(".{name}.partial"));
         let copied = fs::OpenOptions::new()
@@ -403,13 +512,15 @@ impl StagingDir {
             .create_new(true)
             .mode(0o600)
             .open(&partial)
-            .and_then(|mut copy| io::copy(&mut source, &mut copy))
-            .and_then(|_| fs::rename(&partial, &target));
-        if let Err(e) = copied {
-            let _ = fs::remove_file(&partial);
-            return Err(e);
+            .and_then(|copy| copies::copy_hashing(source, Some(&copy), buffer))
+            .and_then(|(hash, _)| fs::rename(&partial, &target).map(|()| hash));
+        match copied {
+            Ok(hash) => Ok((target, hash)),
+            Err(e) => {
+                let _ = fs::remove_file(&partial);
+                Err(e)
+            }
         }
-        Ok(target)
     }
 }
 
@@ -483,7 +594,9 @@ mod tests {
         let name = staging.path.file_name().unwrap().to_str().unwrap().to_owned();
         assert_eq!(staging_pid(&name), Some(std::process::id()));
         assert_eq!(fs::metadata(&staging.path).unwrap().mode() & 0o777, 0o700);
-        let copy = staging.copy_in(File::open("/proc/self/exe").unwrap(), "g1-0-app").unwrap();
+        let exe = File::open("/proc/self/exe").unwrap();
+        let (copy, hash) = staging.copy_in(&exe, "g1-0-app", &mut Buffer::new()).unwrap();
+        assert_eq!(hash, copies::hash(&exe, &mut Buffer::new()).unwrap());
         assert_eq!(elf::check_file(&copy).unwrap(), Ok(()));
         let path = staging.path.clone();
         drop(staging);
@@ -496,7 +609,8 @@ mod tests {
     #[test]
     fn in_memory_copies_are_whole_and_named_for_the_maps() {
         in_memory_copies().expect("memfd and /proc are available where the tests run");
-        let copy = copy_to_memory(File::open("/proc/self/exe").unwrap(), "pounce-host-g1-0-test").unwrap();
+        let copy = process::memfd("pounce-host-g1-0-test").unwrap();
+        copies::copy_hashing(&File::open("/proc/self/exe").unwrap(), Some(&copy), &mut Buffer::new()).unwrap();
         assert_eq!(elf::check_open_file(&copy).unwrap(), Ok(()));
         assert_eq!(copy.metadata().unwrap().len(), fs::metadata("/proc/self/exe").unwrap().len());
         let link = fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&copy))).unwrap();

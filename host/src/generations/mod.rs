@@ -4,8 +4,13 @@
 //! [`Current`] one new requests go to, and unloading a generation once its
 //! last lease is gone.
 //!
+//! The blocking work runs on long-lived threads ([`background`]): the
+//! loader's, the drain's and the unload's.
+//!
 //! Imports only `config` (units) and `ffi`.
 
+mod background;
+pub mod copies;
 mod current;
 pub mod elf;
 mod generation;

@@ -5,40 +5,94 @@
 //! (SIGSEGV in a constructor, `abort()` in init) kills only the child; the
 //! reload fails with the signal named and the serving process never maps it.
 //!
-//! The child reads the library from an in-memory snapshot passed at
-//! descriptor 3, and the serving process then loads that same snapshot: a
-//! deploy that replaces the file meanwhile cannot slip in bytes that were
-//! not checked.
+//! The child reads the very copy the serving process then opens (an
+//! in-memory file passed at descriptor 3, or the copy in the private
+//! staging directory): a deploy that replaces the file meanwhile cannot
+//! slip in bytes that were not checked.
+//!
+//! **Bytes that passed once are not checked again.** The loader hashes
+//! every copy as it makes it (`generations::copies`); a copy whose hash is
+//! one of the [`Passed`] ones (the last [`REMEMBERED`] that passed in this
+//! process) skips the child, logged at debug level (`preflight skipped`).
+//! A reload storm or `cargo xtask dev` reloads the same file again and
+//! again, and each preflight costs the serving core a process start, a
+//! load, an init and a reaping. This is safe enough: the very same bytes
+//! were already loaded and initialised in a child, with the same app
+//! settings (they cannot change while the server runs), and nothing the
+//! preflight could see differs the next time but what the app's init reads
+//! from outside (files, the network, the clock), which a preflight never
+//! vouches for anyway. The reload still loads the bytes and runs `init` in
+//! the serving process: it makes a new generation.
 
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::exit::describe;
 use crate::config::{format_duration, Config};
 use crate::ffi::process::{kill, spawn_with_fds};
+use crate::generations::copies::ContentHash;
 use crate::generations::loader::LoadError;
-use crate::generations::snapshot::Snapshot;
 
-/// Where the child finds the snapshot.
+/// Where the child finds an in-memory copy.
 const SNAPSHOT_FD: i32 = 3;
 
-/// What the child loads.
-pub enum Target<'a> {
-    /// The bytes the serving process will load next.
-    Snapshot(&'a Snapshot),
-    /// The library file itself: where in-memory files are not available
-    /// (the file could change between the preflight and the load).
-    File(&'a Path),
+/// How many passed hashes are remembered.
+pub const REMEMBERED: usize = 64;
+
+/// What the child loads: a copy of `source` that the serving process will
+/// open next. Its trust was checked when it was copied (a copy has no
+/// owner a trust check could judge).
+pub struct Target<'a> {
+    /// The library file the operator gave, for messages.
+    pub source: &'a Path,
+    pub bytes: Bytes<'a>,
+}
+
+/// Where the copy is.
+pub enum Bytes<'a> {
+    /// An in-memory file.
+    Memory(&'a File),
+    /// A file in the private staging directory (no in-memory files).
+    Staged(&'a Path),
 }
 
 impl Target<'_> {
-    fn source(&self) -> &Path {
-        match self {
-            Target::Snapshot(snapshot) => &snapshot.source,
-            Target::File(path) => path,
+    /// The path the child is given.
+    fn path(&self) -> String {
+        match &self.bytes {
+            Bytes::Memory(_) => format!("/proc/self/fd/{SNAPSHOT_FD}"),
+            Bytes::Staged(path) => path.display().to_string(),
         }
+    }
+}
+
+/// The content hashes of the libraries that passed the preflight in this
+/// process (the last [`REMEMBERED`]).
+#[derive(Default)]
+pub struct Passed {
+    hashes: Mutex<VecDeque<ContentHash>>,
+}
+
+impl Passed {
+    pub fn contains(&self, hash: ContentHash) -> bool {
+        self.lock().contains(&hash)
+    }
+
+    pub fn insert(&self, hash: ContentHash) {
+        let mut hashes = self.lock();
+        if !hashes.contains(&hash) {
+            hashes.push_front(hash);
+            hashes.truncate(REMEMBERED);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<ContentHash>> {
+        self.hashes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -46,12 +100,12 @@ impl Target<'_> {
 /// how long it took.
 pub fn check(config: &Config, target: Target<'_>) -> Result<Duration, LoadError> {
     let started = Instant::now();
-    let source = target.source().to_owned();
+    let source = target.source.to_owned();
     let failed = |reason: String| LoadError::Preflight { path: source.clone(), reason };
     let mut command = check_command(config, &target);
-    let fds: &[(i32, i32)] = match &target {
-        Target::Snapshot(snapshot) => &[(snapshot.raw_fd(), SNAPSHOT_FD)],
-        Target::File(_) => &[],
+    let fds: &[(i32, i32)] = match &target.bytes {
+        Bytes::Memory(file) => &[(file.as_raw_fd(), SNAPSHOT_FD)],
+        Bytes::Staged(_) => &[],
     };
     let child = spawn_with_fds(&mut command, fds, true).map_err(|e| failed(format!("cannot start it: {e}")))?;
     let pid = child.id();
@@ -66,7 +120,7 @@ pub fn check(config: &Config, target: Target<'_>) -> Result<Duration, LoadError>
     let limit = config.reload_timeout + Duration::from_secs(2);
     match rx.recv_timeout(limit) {
         Ok(Ok(output)) if output.status.success() => Ok(started.elapsed()),
-        Ok(Ok(output)) => Err(failed(reason(&output, &source))),
+        Ok(Ok(output)) => Err(failed(reason(&output, &target.path(), &source))),
         Ok(Err(e)) => Err(failed(format!("cannot wait for it: {e}"))),
         Err(_) => {
             kill(pid, libc::SIGKILL);
@@ -76,27 +130,19 @@ pub fn check(config: &Config, target: Target<'_>) -> Result<Duration, LoadError>
 }
 
 /// `pounce-host check` of the target with the app's settings, its own limit
-/// `reload_timeout`. A snapshot's trust was checked when it was taken (the
-/// in-memory copy has no owner a trust check could judge); a file is
-/// checked as a load would.
+/// `reload_timeout`. The copy's trust was checked when it was made.
 fn check_command(config: &Config, target: &Target<'_>) -> Command {
     let mut command = Command::new("/proc/self/exe");
     command
         .arg("check")
         .args(["--timeout", &format_duration(config.reload_timeout)])
         .arg("--staging-dir")
-        .arg(&config.staging_dir);
-    let trust_checked = matches!(target, Target::Snapshot(_)) || config.allow_insecure_library;
-    if trust_checked {
-        command.arg("--allow-insecure-library");
-    }
+        .arg(&config.staging_dir)
+        .arg("--allow-insecure-library");
     for (key, value) in &config.app_args {
         command.arg("--app-arg").arg(format!("{key}={value}"));
     }
-    match target {
-        Target::Snapshot(_) => command.arg(format!("/proc/self/fd/{SNAPSHOT_FD}")),
-        Target::File(path) => command.arg(path),
-    };
+    command.arg(target.path());
     // The settings above are the merged ones: no file or variable may add to them.
     for name in ["POUNCE_CONFIG", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"] {
         command.env_remove(name);
@@ -106,8 +152,8 @@ fn check_command(config: &Config, target: &Target<'_>) -> Command {
 }
 
 /// Why the child failed: the signal that killed it, or its error message
-/// (naming the library file rather than the descriptor it read).
-fn reason(output: &Output, source: &Path) -> String {
+/// (naming the library file rather than the copy it read, at `read`).
+fn reason(output: &Output, read: &str, source: &Path) -> String {
     let how = describe(output.status);
     if std::os::unix::process::ExitStatusExt::signal(&output.status).is_some() {
         return format!("the library crashed it: it {how}");
@@ -118,6 +164,6 @@ fn reason(output: &Output, source: &Path) -> String {
         .rev()
         .find_map(|line| line.strip_prefix("pounce-host: error: "))
         .unwrap_or(stderr.trim())
-        .replace(&format!("/proc/self/fd/{SNAPSHOT_FD}"), &source.display().to_string());
+        .replace(read, &source.display().to_string());
     format!("it {how}: {message}")
 }

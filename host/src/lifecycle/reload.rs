@@ -13,53 +13,62 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use super::drain;
-use super::preflight::{self, Target};
+use super::preflight::{self, Bytes, Passed, Target};
 use crate::config::Config;
 use crate::front::Server;
-use crate::generations::loader::{LoadError, Loaded, Loader};
-use crate::generations::snapshot::Snapshot;
+use crate::generations::loader::{Check, LoadError, Loader, Prepared};
 use crate::operations::Event;
 
 /// Starts the reload task: each `notify_one` on `requests` asks for a reload.
 pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>) {
     tokio::spawn(async move {
         let mut next = server.current.number() + 1;
+        let passed = Arc::new(Passed::default());
+        let config = Arc::new(server.config.clone());
         loop {
             requests.notified().await;
             if server.is_shutting_down() || server.connections.is_retiring() {
                 return;
             }
-            if reload(&server, &loader, next).await {
+            let check = preflight(config.clone(), passed.clone(), next);
+            if reload(&server, &loader, check, next).await {
                 next += 1;
             }
         }
     });
 }
 
-/// Loads generation `number`, after a preflight in a child process unless
-/// `--preflight off`. Blocking.
-fn prepare(config: &Config, loader: &Loader, number: u64) -> Result<Loaded, LoadError> {
+/// The preflight of generation `number`, run by the loader between the
+/// copy and the open, unless `--preflight off` or the same bytes passed it
+/// before (see [`preflight`]).
+fn preflight(config: Arc<Config>, passed: Arc<Passed>, number: u64) -> Option<Check> {
     if !config.preflight {
-        return loader.load(number);
+        return None;
     }
-    // Without in-memory files (the loader stages copies in a directory),
-    // the child checks the file itself.
-    if loader.staging_dir().is_some() {
-        passed(number, preflight::check(config, Target::File(loader.source()))?);
-        return loader.load(number);
-    }
-    let snapshot = Snapshot::take(loader.source(), number, config.allow_insecure_library)?;
-    passed(number, preflight::check(config, Target::Snapshot(&snapshot))?);
-    let bytes = snapshot.reader().map_err(|error| LoadError::Unreadable { path: snapshot.source.clone(), error })?;
-    loader.load_from(number, bytes)
-}
-
-fn passed(generation: u64, took: std::time::Duration) {
-    tracing::debug!(generation, preflight_ms = took.as_secs_f64() * 1000.0, "preflight passed");
+    Some(Box::new(move |loader: &Loader, prepared: &Prepared| {
+        let hash = prepared.hash();
+        if passed.contains(hash) {
+            tracing::debug!(generation = number, hash = %hash, "preflight skipped: the same bytes passed it before");
+            return Ok(());
+        }
+        let bytes = match prepared {
+            Prepared::Memory { copy, .. } => Bytes::Memory(&copy.file),
+            Prepared::Staged { path, .. } => Bytes::Staged(path),
+        };
+        let took = preflight::check(&config, Target { source: loader.source(), bytes })?;
+        passed.insert(hash);
+        tracing::debug!(
+            generation = number,
+            hash = %hash,
+            preflight_ms = took.as_secs_f64() * 1000.0,
+            "preflight passed"
+        );
+        Ok(())
+    }))
 }
 
 /// One reload. Returns whether generation `number` was published.
-async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool {
+async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, check: Option<Check>, number: u64) -> bool {
     let started = Instant::now();
     let serving = server.current.number();
     server.reporter.emit(Event::ReloadStarted { generation: number, serving, source: loader.source() });
@@ -74,12 +83,9 @@ async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, number: u64) -> bool
             return false;
         }
     };
-    let (loading, config) = (loader.clone(), server.config.clone());
     let limit = server.config.reload_timeout;
-    let load = move || prepare(&config, &loading, number);
-    let loaded = match tokio::time::timeout(limit, tokio::task::spawn_blocking(load)).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(LoadError::Crashed { path: loader.source().to_owned() }),
+    let loaded = match tokio::time::timeout(limit, loader.load_checked(number, check)).await {
+        Ok(result) => result,
         // The load (an app init that hangs) is abandoned, not cancelled: if
         // it ever finishes, its generation is simply released.
         Err(_) => Err(LoadError::TimedOut { path: loader.source().to_owned(), limit }),
