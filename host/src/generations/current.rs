@@ -23,17 +23,18 @@ impl Current {
         self.slot.load_full()
     }
 
-    /// Publishes `next`; returns the generation it replaces.
+    /// Publishes `next`; returns the generation it replaces, which counts as
+    /// draining from this moment (until [`Current::remove_draining`]): the
+    /// health answer never misses it between the swap and its drain's start.
     pub fn publish(&self, next: Arc<Generation>) -> Arc<Generation> {
-        self.slot.swap(next)
+        let mut draining = lock(&self.draining);
+        let old = self.slot.swap(next);
+        draining.push(old.clone());
+        old
     }
 
     pub fn number(&self) -> u64 {
         self.slot.load().number()
-    }
-
-    pub fn add_draining(&self, generation: Arc<Generation>) {
-        lock(&self.draining).push(generation);
     }
 
     pub fn remove_draining(&self, number: u64) {

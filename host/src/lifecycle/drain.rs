@@ -41,7 +41,6 @@ pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
     let number = old.number();
     let started = Instant::now();
     old.drain_in_background();
-    server.current.add_draining(old.clone());
     server.reporter.emit(Event::GenerationDraining {
         generation: number,
         in_flight: old.in_flight(),
