@@ -229,6 +229,25 @@ impl Loader {
     /// nothing is being served yet.
     pub fn load(&self, number: u64) -> Result<Loaded, LoadError> {
         let opened = self.copy_and_open(number, None)?;
+        self.init_on_own_thread(number, opened)
+    }
+
+    /// [`Loader::load`] without a copy: the file itself is opened (through
+    /// a descriptor of its own, which the library keeps). Only for a
+    /// process that loads one library in its life from a file nothing
+    /// writes to: a process-mode worker, whose source is the supervisor's
+    /// in-memory snapshot.
+    pub fn load_in_place(&self, number: u64) -> Result<Loaded, LoadError> {
+        let started = Instant::now();
+        check_source(&self.source)?;
+        let file = self.open_source()?;
+        check_elf(&self.source, &file)?;
+        let library = OpenedLibrary::open_file(file, number)
+            .map_err(|reason| LoadError::Open { path: self.source.clone(), reason })?;
+        self.init_on_own_thread(number, Opened { library, copy: None, took: started.elapsed() })
+    }
+
+    fn init_on_own_thread(&self, number: u64, opened: Opened) -> Result<Loaded, LoadError> {
         std::thread::scope(|scope| {
             let init = std::thread::Builder::new()
                 .name(format!("pounce-init-g{number}"))
