@@ -402,3 +402,33 @@ fn service_metrics_never_go_back_whichever_worker_answers_and_whatever_crashes()
     println!("{sent} requests answered; the service totals count {total} 2xx (scrapes included)");
     assert!(total >= last, "{total} after {last}");
 }
+
+/// A reload of the same bytes reuses the serving generation's snapshot (a
+/// reload storm); new bytes get a new one, and the workers serve them.
+#[test]
+fn unchanged_bytes_reuse_the_snapshot_and_new_ones_do_not() {
+    let dir = TempDir::new("process-snapshot-reuse");
+    let library = deployed(&dir);
+    let server = Server::start(&library, &args(&["--log-level", "pounce_host=debug,info"]));
+    let reused = "its snapshot is reused";
+    let published = "event=\"generation_loaded\"";
+    server.signal(libc::SIGHUP);
+    assert!(server.wait_for_log_count(published, 1, Duration::from_secs(30)), "{}", server.logs());
+    assert_eq!(server.count_logs(reused), 1, "{}", server.logs());
+    replace_file(&pounce_tests::sample_variant("new snapshot"), &library);
+    server.signal(libc::SIGHUP);
+    assert!(server.wait_for_log_count(published, 2, Duration::from_secs(30)), "{}", server.logs());
+    assert_eq!(server.count_logs(reused), 1, "new bytes, a new snapshot:\n{}", server.logs());
+    let health = health_until(&server, |h| h["service"]["generation"] == 3);
+    assert_eq!(health["service"]["generation"], 3, "{health}");
+    // Old workers retire a moment after the publication; ask until a new one answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = get_within(server.addr, "/version", Duration::from_secs(5)).expect("answered").expect("serving");
+        if reply.text() == "new snapshot (generation 3)\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {:?}", reply.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

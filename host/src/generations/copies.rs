@@ -103,6 +103,55 @@ pub fn copy_hashing(source: &File, into: Option<&File>, buffer: &mut Buffer) -> 
 pub struct Copy {
     pub file: File,
     pub hash: ContentHash,
+    /// The library file it holds the bytes of, as last seen, if that file
+    /// had settled then (see [`Origin`]).
+    pub origin: Option<Origin>,
+}
+
+/// Which file, in which state: device, inode, size, modification and
+/// change times. A copy's origin lets a load of a file that is still in
+/// that state reuse the copy without reading the file again.
+///
+/// The kernel sets a file's change time (`ctime`) to the current time
+/// whenever its bytes or metadata change, and nothing can set it back. An
+/// origin is recorded only for a file whose change time was at least
+/// [`SETTLED`] old when its bytes were read and that was the same before
+/// and after the read: any later change gets a later change time, however
+/// coarse the file system's clock, so a file seen in the same state again
+/// holds the same bytes. (A file changed in place while a load reads it
+/// gets no origin: it is read and hashed again the next time.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified_ns: i128,
+    changed_ns: i128,
+}
+
+/// How old a file's last change must be for its state to identify its bytes.
+pub const SETTLED: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Origin {
+    pub fn of(metadata: &std::fs::Metadata) -> Origin {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+        Origin {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            len: metadata.len(),
+            modified_ns: ns(metadata.mtime(), metadata.mtime_nsec()),
+            changed_ns: ns(metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+
+    /// `before`, the state of a file before its bytes were read, if it had
+    /// settled: unchanged after the read (`after`), and last changed at
+    /// least [`SETTLED`] before the read began (`read_at`, wall clock).
+    pub fn settled(before: Origin, after: Origin, read_at: std::time::SystemTime) -> Option<Origin> {
+        let read_ns = read_at.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as i128;
+        (before == after && before.changed_ns <= read_ns - SETTLED.as_nanos() as i128).then_some(before)
+    }
 }
 
 /// Copies whose generation was unmapped, for the next load of the same
@@ -117,6 +166,14 @@ impl Pool {
     /// decides to copy it).
     pub fn has_free(&self) -> bool {
         !self.lock().is_empty()
+    }
+
+    /// Takes a free copy made from the file in state `origin`, if there is
+    /// one: the file has not changed since (see [`Origin`]).
+    pub fn take_by_origin(&self, origin: Origin) -> Option<Copy> {
+        let mut free = self.lock();
+        let index = free.iter().position(|copy| copy.origin == Some(origin))?;
+        free.remove(index)
     }
 
     /// Takes a free copy of the bytes of `hash`, if there is one.
@@ -190,7 +247,7 @@ mod tests {
     #[test]
     fn the_pool_gives_copies_back_by_hash_and_keeps_few() {
         let pool = Arc::new(Pool::default());
-        let copy = |n: u128| Copy { file: memfd("pounce-copies-test").unwrap(), hash: ContentHash(n) };
+        let copy = |n: u128| Copy { file: memfd("pounce-copies-test").unwrap(), hash: ContentHash(n), origin: None };
         assert!(!pool.has_free());
         for n in 1..=2 {
             Lent::new(copy(n), pool.clone()).unmapped();
@@ -200,5 +257,23 @@ mod tests {
         assert_eq!(pool.take(ContentHash(2)).map(|c| c.hash), Some(ContentHash(2)));
         assert!(pool.take(ContentHash(2)).is_none(), "a copy is handed out once");
         assert!(!pool.has_free());
+    }
+
+    #[test]
+    fn a_file_is_known_by_its_state_only_once_it_has_settled() {
+        let file = memfd("pounce-copies-test").unwrap();
+        file.write_all_at(b"bytes", 0).unwrap();
+        let state = Origin::of(&file.metadata().unwrap());
+        let now = std::time::SystemTime::now();
+        assert_eq!(Origin::settled(state, state, now), None, "changed a moment ago");
+        let later = now + SETTLED + std::time::Duration::from_millis(10);
+        assert_eq!(Origin::settled(state, state, later), Some(state));
+        file.write_all_at(b"other", 0).unwrap();
+        let changed = Origin::of(&file.metadata().unwrap());
+        assert_eq!(Origin::settled(state, changed, later), None, "changed while it was read");
+        let pool = Arc::new(Pool::default());
+        Lent::new(Copy { file, hash: ContentHash(1), origin: Some(state) }, pool.clone()).unmapped();
+        assert!(pool.take_by_origin(changed).is_none());
+        assert!(pool.take_by_origin(state).is_some());
     }
 }

@@ -24,10 +24,10 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::background::Background;
-use super::copies::{self, Buffer, ContentHash, Copy, Lent, Pool};
+use super::copies::{self, Buffer, ContentHash, Copy, Lent, Origin, Pool};
 use super::elf::{self, ElfProblem};
 use super::generation::Generation;
 use super::trust::{self, Insecure};
@@ -229,6 +229,25 @@ impl Loader {
     /// nothing is being served yet.
     pub fn load(&self, number: u64) -> Result<Loaded, LoadError> {
         let opened = self.copy_and_open(number, None)?;
+        self.init_on_own_thread(number, opened)
+    }
+
+    /// [`Loader::load`] without a copy: the file itself is opened (through
+    /// a descriptor of its own, which the library keeps). Only for a
+    /// process that loads one library in its life from a file nothing
+    /// writes to: a process-mode worker, whose source is the supervisor's
+    /// in-memory snapshot.
+    pub fn load_in_place(&self, number: u64) -> Result<Loaded, LoadError> {
+        let started = Instant::now();
+        check_source(&self.source)?;
+        let file = self.open_source()?;
+        check_elf(&self.source, &file)?;
+        let library = OpenedLibrary::open_file(file, number)
+            .map_err(|reason| LoadError::Open { path: self.source.clone(), reason })?;
+        self.init_on_own_thread(number, Opened { library, copy: None, took: started.elapsed() })
+    }
+
+    fn init_on_own_thread(&self, number: u64, opened: Opened) -> Result<Loaded, LoadError> {
         std::thread::scope(|scope| {
             let init = std::thread::Builder::new()
                 .name(format!("pounce-init-g{number}"))
@@ -286,11 +305,18 @@ impl Loader {
         let name = copy_name(&self.source, number, load);
         match &self.copies {
             Copies::Memory => {
+                let unreadable = |error| LoadError::Unreadable { path: self.source.clone(), error };
+                let before = Origin::of(&file.metadata().map_err(unreadable)?);
+                if let Some(copy) = self.pool.take_by_origin(before) {
+                    return Ok(Prepared::Memory { copy, reused: true });
+                }
+                let read_at = SystemTime::now();
                 let mut buffer = self.buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 if self.pool.has_free() {
-                    let hash = copies::hash(&file, &mut buffer)
-                        .map_err(|error| LoadError::Unreadable { path: self.source.clone(), error })?;
-                    if let Some(copy) = self.pool.take(hash) {
+                    let hash = copies::hash(&file, &mut buffer).map_err(unreadable)?;
+                    if let Some(mut copy) = self.pool.take(hash) {
+                        copy.origin =
+                            Origin::settled(before, Origin::of(&file.metadata().map_err(unreadable)?), read_at);
                         return Ok(Prepared::Memory { copy, reused: true });
                     }
                 }
@@ -298,7 +324,8 @@ impl Loader {
                 let into = process::memfd(&name).map_err(memory)?;
                 let (hash, _) = copies::copy_hashing(&file, Some(&into), &mut buffer).map_err(memory)?;
                 check_elf(&self.source, &into)?;
-                Ok(Prepared::Memory { copy: Copy { file: into, hash }, reused: false })
+                let origin = Origin::settled(before, Origin::of(&file.metadata().map_err(unreadable)?), read_at);
+                Ok(Prepared::Memory { copy: Copy { file: into, hash, origin }, reused: false })
             }
             Copies::Staging(staging) => {
                 let mut buffer = self.buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

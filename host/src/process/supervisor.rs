@@ -40,10 +40,12 @@ use tokio::sync::{mpsc, Notify};
 use super::control::{self, FromWorker, ToWorker, CONTROL_FD, FIRST_LISTENER_FD, LIBRARY_FD, TOTALS_FD};
 use super::totals::{self, Totals};
 use crate::config::Config;
+use crate::ffi::priority;
 use crate::ffi::process::{kill, spawn_with_fds, SharedCounters};
 use crate::front::inherit;
 use crate::front::listener::Listener;
 use crate::front::tls;
+use crate::generations::loader::LoadError;
 use crate::generations::snapshot::Snapshot;
 use crate::lifecycle::exit::describe;
 use crate::lifecycle::serve::{describe_listeners, watch_spec, StartError};
@@ -296,14 +298,28 @@ impl Supervisor {
         let started = Instant::now();
         let tls = self.config.tls.as_ref().map(tls::check).transpose().map_err(|e| e.to_string());
         let begun = tls
-            .and_then(|_| {
-                Snapshot::take(&self.config.library, generation, self.config.allow_insecure_library)
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|snapshot| self.begin_reload(generation, Arc::new(snapshot), false).map_err(|e| e.to_string()));
+            .and_then(|_| self.snapshot(generation).map_err(|e| e.to_string()))
+            .and_then(|snapshot| self.begin_reload(generation, snapshot, false).map_err(|e| e.to_string()));
         if let Err(reason) = begun {
             self.fail_reload_with(generation, &reason, started);
         }
+    }
+
+    /// The library's bytes for `generation`: the serving generation's
+    /// snapshot again if the file still holds the same bytes (a reload
+    /// storm), else a new one.
+    fn snapshot(&self, generation: u64) -> Result<Arc<Snapshot>, LoadError> {
+        let (library, insecure) = (&self.config.library, self.config.allow_insecure_library);
+        let Some(current) = &self.current else { return Snapshot::take(library, generation, insecure).map(Arc::new) };
+        let (snapshot, reused) = Snapshot::take_or_reuse(library, generation, insecure, &current.snapshot)?;
+        if reused {
+            tracing::debug!(
+                generation,
+                from = current.number,
+                "the library's bytes are unchanged: its snapshot is reused"
+            );
+        }
+        Ok(snapshot)
     }
 
     /// Starts `--processes` workers of `generation` from `snapshot`.
@@ -356,6 +372,11 @@ impl Supervisor {
         let pid = child.id();
         let exits = self.inputs.clone();
         let reaped = std::thread::Builder::new().name(format!("pounce-reap-{pid}")).spawn(move || {
+            // Reaping a process costs the kernel real work (its /proc
+            // entries are invalidated, which spins while the process is
+            // still being torn down): at background priority, in small
+            // pieces, it takes little from the workers serving on the core.
+            priority::lower_this_thread();
             if let Ok(status) = child.wait() {
                 let _ = exits.send(Input::Exited(pid, status));
             }

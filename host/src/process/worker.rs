@@ -136,7 +136,7 @@ async fn load(config: &Config, max_log_level: u32, generation: u64) -> Result<Lo
     let staging = config.staging_dir.clone();
     let loader = Loader::new(settings).map_err(|error| LoadError::Stage { path: source.clone(), staging, error })?;
     let limit = config.reload_timeout;
-    match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || loader.load(generation))).await {
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || loader.load_in_place(generation))).await {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => Err(LoadError::Crashed { path: source }),
         Err(_) => Err(LoadError::TimedOut { path: source, limit }),
