@@ -37,15 +37,21 @@ async fn settled(generation: &Generation) {
     }
 }
 
-pub async fn retire(server: Arc<Server>, old: Arc<Generation>) {
-    let number = old.number();
-    let started = Instant::now();
+/// Starts retiring `old`, just replaced (and listed as draining since its
+/// publication, see `Current::publish`): tells the app at once, then waits
+/// for it in a task of its own.
+pub fn retire(server: &Arc<Server>, old: Arc<Generation>) {
     old.drain_in_background();
     server.reporter.emit(Event::GenerationDraining {
-        generation: number,
+        generation: old.number(),
         in_flight: old.in_flight(),
         upgraded: old.upgraded(),
     });
+    tokio::spawn(wait_and_retire(server.clone(), old, Instant::now()));
+}
+
+async fn wait_and_retire(server: Arc<Server>, old: Arc<Generation>, started: Instant) {
+    let number = old.number();
     let timeout = server.config.reload_timeout;
     let timed_out = tokio::time::timeout(timeout, settled(&old)).await.is_err();
     if timed_out {

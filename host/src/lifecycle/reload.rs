@@ -122,6 +122,6 @@ async fn reload(server: &Arc<Server>, loader: &Arc<Loader>, check: Option<Check>
         total: started.elapsed(),
         in_flight: server.current.in_flight(),
     });
-    tokio::spawn(drain::retire(server.clone(), old));
+    drain::retire(server, old);
     true
 }
