@@ -3,7 +3,8 @@
 //! (`--workers` threads), on the listening socket it inherited.
 //!
 //! It loads the library bytes the supervisor passed (never the file on
-//! disk), says `Ready` (or why it could not load), beats every
+//! disk), says `Ready` (or why it could not load), starts accepting when
+//! the supervisor answers with the service's state, beats every
 //! [`control::BEAT`] while its event loop runs, and then waits for one of:
 //! - `Retire` from the supervisor: stop accepting, let every connection
 //!   finish its current response (`Connection: close`), for at most
@@ -73,9 +74,6 @@ pub async fn run(config: Config, max_log_level: u32, assignment: Assignment) -> 
     let info = loaded.generation.info().clone();
     let server = Arc::new(Server::new(config, loaded.generation, tls));
     show_service_totals(&server)?;
-    for listener in listeners {
-        tokio::spawn(listener::accept_loop(server.clone(), listener));
-    }
     tokio::spawn(connections::sweep(server.connections.clone()));
     stall_watch::spawn(&server);
     let ready = FromWorker::Ready {
@@ -86,7 +84,7 @@ pub async fn run(config: Config, max_log_level: u32, assignment: Assignment) -> 
     };
     reports.send(&ready).await?;
     tokio::spawn(beat(server.clone(), reports));
-    serve_until_told(&server, &mut signals, &mut orders).await;
+    serve_until_told(&server, &mut signals, &mut orders, listeners).await;
     Ok(())
 }
 
@@ -161,7 +159,15 @@ async fn beat(server: Arc<Server>, mut reports: ToSupervisor) {
     }
 }
 
-async fn serve_until_told(server: &Arc<Server>, signals: &mut Signals, orders: &mut FromSupervisor) {
+/// Serves until the supervisor or a signal says to stop. The listeners are
+/// accepted on from the supervisor's first service state on, the answer to
+/// `Ready`: from then on every health answer carries the service's state.
+async fn serve_until_told(
+    server: &Arc<Server>,
+    signals: &mut Signals,
+    orders: &mut FromSupervisor,
+    mut listeners: Vec<Listener>,
+) {
     loop {
         tokio::select! {
             request = signals.next() => match request {
@@ -171,7 +177,12 @@ async fn serve_until_told(server: &Arc<Server>, signals: &mut Signals, orders: &
                 }
             },
             order = orders.next() => match order {
-                Some(ToWorker::Service(state)) => server.reporter.set_service(state),
+                Some(ToWorker::Service(state)) => {
+                    server.reporter.set_service(state);
+                    for listener in listeners.drain(..) {
+                        tokio::spawn(listener::accept_loop(server.clone(), listener));
+                    }
+                }
                 Some(ToWorker::Retire) => return retire(server, signals).await,
                 None => {
                     tracing::error!("the supervisor is gone; exiting");
