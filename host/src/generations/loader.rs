@@ -137,6 +137,8 @@ pub struct Loaded {
     pub generation: Generation,
     /// The load without the preflight: file checks, copy, open, init.
     pub duration: Duration,
+    /// The hash of the bytes loaded (none for a load in place).
+    pub hash: Option<ContentHash>,
 }
 
 /// The bytes a load is about to open, as a check before the open sees them.
@@ -173,6 +175,7 @@ struct Opened {
     copy: Option<Copy>,
     /// The copy and the open, without the check.
     took: Duration,
+    hash: Option<ContentHash>,
 }
 
 impl Loader {
@@ -244,7 +247,7 @@ impl Loader {
         check_elf(&self.source, &file)?;
         let library = OpenedLibrary::open_file(file, number)
             .map_err(|reason| LoadError::Open { path: self.source.clone(), reason })?;
-        self.init_on_own_thread(number, Opened { library, copy: None, took: started.elapsed() })
+        self.init_on_own_thread(number, Opened { library, copy: None, took: started.elapsed(), hash: None })
     }
 
     fn init_on_own_thread(&self, number: u64, opened: Opened) -> Result<Loaded, LoadError> {
@@ -283,6 +286,7 @@ impl Loader {
             check(self, &prepared)?;
         }
         let checking = checked.elapsed();
+        let hash = prepared.hash();
         let opened = self.open(number, prepared)?;
         let took = started.elapsed().saturating_sub(checking);
         tracing::debug!(
@@ -292,7 +296,7 @@ impl Loader {
             open_ms = took.saturating_sub(copied).as_secs_f64() * 1000.0,
             "library opened"
         );
-        Ok(Opened { library: opened.library, copy: opened.copy, took })
+        Ok(Opened { library: opened.library, copy: opened.copy, took, hash: Some(hash) })
     }
 
     /// Checks the file and makes the copy to open: an unmapped in-memory
@@ -376,6 +380,7 @@ impl Loader {
         Ok(Loaded {
             generation: Generation::new(number, app, self.unload_timeout, lent),
             duration: opened.took + started.elapsed(),
+            hash: opened.hash,
         })
     }
 

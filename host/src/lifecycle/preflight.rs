@@ -13,7 +13,9 @@
 //! **Bytes that passed once are not checked again.** The loader hashes
 //! every copy as it makes it (`generations::copies`); a copy whose hash is
 //! one of the [`Passed`] ones (the last [`REMEMBERED`] that passed in this
-//! process) skips the child, logged at debug level (`preflight skipped`).
+//! process, and the bytes the server started with, which were loaded and
+//! initialised in the serving process itself, a check at least as strong)
+//! skips the child, logged at debug level (`preflight skipped`).
 //! A reload storm or `cargo xtask dev` reloads the same file again and
 //! again, and each preflight costs the serving core a process start, a
 //! load, an init and a reaping. This is safe enough: the very same bytes

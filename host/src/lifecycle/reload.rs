@@ -16,14 +16,22 @@ use super::drain;
 use super::preflight::{self, Bytes, Passed, Target};
 use crate::config::Config;
 use crate::front::Server;
+use crate::generations::copies::ContentHash;
 use crate::generations::loader::{Check, LoadError, Loader, Prepared};
 use crate::operations::Event;
 
 /// Starts the reload task: each `notify_one` on `requests` asks for a reload.
-pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>) {
+/// `serving` is the hash of the bytes the server started with: they count
+/// as passed the preflight, as they were loaded and initialised in the
+/// serving process itself (a storm of reloads of an unchanged file then
+/// runs no preflight at all).
+pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>, serving: Option<ContentHash>) {
     tokio::spawn(async move {
         let mut next = server.current.number() + 1;
         let passed = Arc::new(Passed::default());
+        if let Some(hash) = serving {
+            passed.insert(hash);
+        }
         let config = Arc::new(server.config.clone());
         loop {
             requests.notified().await;

@@ -95,6 +95,7 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     let kept = Arc::new(listeners.iter().map(Listener::try_clone).collect::<io::Result<Vec<_>>>()?);
     let (address, described) = describe_listeners(&listeners, tls.is_some());
     let info = first.generation.info().clone();
+    let first_hash = first.hash;
     let server = Arc::new(Server::new(config, first.generation, tls));
     for listener in listeners {
         tokio::spawn(listener::accept_loop(server.clone(), listener));
@@ -116,7 +117,7 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     }
     drop(upgraded);
     sd_notify::spawn_watchdog();
-    reload::spawn(server.clone(), loader, reloads.clone());
+    reload::spawn(server.clone(), loader, reloads.clone(), first_hash);
     let mut upgrading = Upgrading::default();
     let first_stop = loop {
         tokio::select! {
