@@ -40,6 +40,12 @@ impl<'a> Request<'a> {
         Request { head, gate }
     }
 
+    /// The host's head, for conversions that read it as bytes.
+    #[cfg(feature = "tower")]
+    pub(crate) fn head(&self) -> HeadRef<'a> {
+        self.head
+    }
+
     /// The method, e.g. `GET`.
     pub fn method(&self) -> &'a str {
         self.head.method()

@@ -46,6 +46,7 @@ use http_body::Frame;
 use hyper_util::rt::TokioIo;
 use tower_service::Service;
 
+use crate::ffi::host::HeadRef;
 use crate::request::{OwnedBody, Request, Version};
 use crate::response::{Body as ResponseBody, Response};
 use crate::InitError;
@@ -210,51 +211,68 @@ fn failed(error: BoxError) -> Response {
     Response::text("internal server error\n").with_status(500)
 }
 
-/// The host's request as an `http::Request`, or the `400` to answer.
+/// The host's request as an `http::Request`, or the `400` to answer. It
+/// fills the parts of `http::Request::new` in place (an empty header map,
+/// the URI `/`, HTTP/1.1) rather than building and swapping them in: what
+/// is default already, a `GET /` over HTTP/1.1, costs nothing.
 fn http_request(req: Request<'_>, peer: Option<SocketAddr>) -> Result<http::Request<Body>, Response> {
     let bad = |what: &str| Response::text(format!("bad request: {what}\n")).with_status(400);
-    let method = http::Method::from_bytes(req.method().as_bytes()).map_err(|_| bad("method"))?;
+    let head = req.head();
+    let method = http::Method::from_bytes(head.method_bytes()).map_err(|_| bad("method"))?;
     let uri = match (req.path(), req.query()) {
-        ("/", None) => Ok(http::Uri::from_static("/")),
-        (path, Some(query)) => http::Uri::try_from(format!("{path}?{query}")),
-        (path, None) => http::Uri::try_from(path),
+        ("/", None) => None,
+        (path, Some(query)) => Some(http::Uri::try_from(format!("{path}?{query}"))),
+        (path, None) => Some(http::Uri::try_from(path)),
     }
+    .transpose()
     .map_err(|_| bad("target"))?;
     let version = match req.version() {
-        Version::Http09 => http::Version::HTTP_09,
-        Version::Http10 => http::Version::HTTP_10,
-        Version::Http11 => http::Version::HTTP_11,
-        Version::Http2 => http::Version::HTTP_2,
-        Version::Http3 => http::Version::HTTP_3,
+        Version::Http11 => None,
+        Version::Http09 => Some(http::Version::HTTP_09),
+        Version::Http10 => Some(http::Version::HTTP_10),
+        Version::Http2 => Some(http::Version::HTTP_2),
+        Version::Http3 => Some(http::Version::HTTP_3),
     };
-    let count = req.headers().len();
-    let mut headers = http::HeaderMap::with_capacity(count);
+    let mut request = http::Request::new(Body::host(req.into_body()));
+    copy_request_headers(head, request.headers_mut()).map_err(bad)?;
+    if method != http::Method::GET {
+        *request.method_mut() = method;
+    }
+    if let Some(uri) = uri {
+        *request.uri_mut() = uri;
+    }
+    if let Some(version) = version {
+        *request.version_mut() = version;
+    }
+    add_peer(request.extensions_mut(), peer);
+    Ok(request)
+}
+
+/// Appends the host's request headers to `headers`; on a bad one, what is
+/// bad.
+fn copy_request_headers(head: HeadRef<'_>, headers: &mut http::HeaderMap) -> Result<(), &'static str> {
+    let count = head.header_bytes().len();
+    headers.reserve(count);
     // Past a few headers, all values go in one buffer, each header's value
     // a slice of it: two allocations for the values, not one per header.
     let mut values = match count {
         0..=2 => Bytes::new(),
         _ => {
-            let mut all = bytes::BytesMut::with_capacity(req.headers().map(|(_, v)| v.len()).sum());
-            req.headers().for_each(|(_, value)| all.extend_from_slice(value));
+            let mut all = bytes::BytesMut::with_capacity(head.header_bytes().map(|(_, v)| v.len()).sum());
+            head.header_bytes().for_each(|(_, value)| all.extend_from_slice(value));
             all.freeze()
         }
     };
-    for (name, value) in req.headers() {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad("header name"))?;
+    for (name, value) in head.header_bytes() {
+        let name = HeaderName::from_bytes(name).map_err(|_| "header name")?;
         let value = match count {
             0..=2 => HeaderValue::from_bytes(value),
             _ => HeaderValue::from_maybe_shared(values.split_to(value.len())),
         }
-        .map_err(|_| bad("header value"))?;
+        .map_err(|_| "header value")?;
         headers.append(name, value);
     }
-    let mut request = http::Request::new(Body::host(req.into_body()));
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
-    *request.headers_mut() = headers;
-    add_peer(request.extensions_mut(), peer);
-    Ok(request)
+    Ok(())
 }
 
 /// The client's address in the extensions: axum's `ConnectInfo` with the
@@ -293,8 +311,7 @@ where
 /// less a `content-length` equal to `implied`, borrowing the common names and
 /// values instead of copying them.
 fn copy_headers(headers: &http::HeaderMap, out: &mut Response, framed: bool, implied: Option<usize>) {
-    use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, TRANSFER_ENCODING};
-    use http::header::{SEC_WEBSOCKET_ACCEPT, UPGRADE, VARY};
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
     for (name, value) in headers {
         if framed && name == TRANSFER_ENCODING {
             continue;
@@ -304,10 +321,8 @@ fn copy_headers(headers: &http::HeaderMap, out: &mut Response, framed: bool, imp
             continue;
         }
         // Standard names compare as a tag, without looking at the text.
-        let common =
-            [CONTENT_TYPE, CONTENT_LENGTH, CACHE_CONTROL, LOCATION, VARY, UPGRADE, CONNECTION, SEC_WEBSOCKET_ACCEPT];
-        let name = match common.iter().position(|common| common == name) {
-            Some(at) => Cow::Borrowed(COMMON_NAMES[at].as_bytes()),
+        let name = match COMMON_NAMES.iter().find(|common| *common == name) {
+            Some(common) => Cow::Borrowed(common.as_str().as_bytes()),
             None => Cow::Owned(name.as_str().as_bytes().to_vec()),
         };
         let value = match COMMON_VALUES.iter().find(|common| common.as_bytes() == value.as_bytes()) {
@@ -318,17 +333,13 @@ fn copy_headers(headers: &http::HeaderMap, out: &mut Response, framed: bool, imp
     }
 }
 
-/// The text of the names in `copy_headers`' `common`, in its order.
-const COMMON_NAMES: [&str; 8] = [
-    "content-type",
-    "content-length",
-    "cache-control",
-    "location",
-    "vary",
-    "upgrade",
-    "connection",
-    "sec-websocket-accept",
-];
+/// The names `copy_headers` lends instead of copying (a `static`, so their
+/// text is `'static`).
+static COMMON_NAMES: [HeaderName; 8] = {
+    use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, SEC_WEBSOCKET_ACCEPT};
+    use http::header::{UPGRADE, VARY};
+    [CONTENT_TYPE, CONTENT_LENGTH, CACHE_CONTROL, LOCATION, VARY, UPGRADE, CONNECTION, SEC_WEBSOCKET_ACCEPT]
+};
 
 const COMMON_VALUES: [&str; 8] = [
     "text/plain; charset=utf-8",

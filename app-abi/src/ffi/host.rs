@@ -78,6 +78,13 @@ impl<'a> HeadRef<'a> {
         Self::text(self.head.method)
     }
 
+    /// The method's bytes, for a caller that parses them itself (no UTF-8
+    /// check).
+    pub(crate) fn method_bytes(self) -> &'a [u8] {
+        // SAFETY: every `Slice` of the head is valid for `'a` (see `new`).
+        unsafe { self.head.method.as_bytes() }
+    }
+
     pub(crate) fn path(self) -> &'a str {
         Self::text(self.head.path)
     }
@@ -105,15 +112,25 @@ impl<'a> HeadRef<'a> {
     }
 
     pub(crate) fn headers(self) -> impl ExactSizeIterator<Item = (&'a str, &'a [u8])> {
-        let headers: &'a [Header] = if self.head.header_count == 0 || self.head.headers.is_null() {
-            &[]
-        } else {
-            // SAFETY: the host points `headers` at `header_count` headers valid
-            // for `'a` (see `new`).
-            unsafe { std::slice::from_raw_parts(self.head.headers, self.head.header_count) }
-        };
         // SAFETY: header values are valid for `'a`, like the names.
-        headers.iter().map(|h| (Self::text(h.name), unsafe { h.value.as_bytes() }))
+        self.header_array().iter().map(|h| (Self::text(h.name), unsafe { h.value.as_bytes() }))
+    }
+
+    /// The headers' names and values as bytes (no UTF-8 check of the names).
+    pub(crate) fn header_bytes(self) -> impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])> {
+        self.header_array().iter().map(|h| {
+            // SAFETY: names and values are valid for `'a` (see `new`).
+            unsafe { (h.name.as_bytes(), h.value.as_bytes()) }
+        })
+    }
+
+    fn header_array(self) -> &'a [Header] {
+        if self.head.header_count == 0 || self.head.headers.is_null() {
+            return &[];
+        }
+        // SAFETY: the host points `headers` at `header_count` headers valid
+        // for `'a` (see `new`).
+        unsafe { std::slice::from_raw_parts(self.head.headers, self.head.header_count) }
     }
 
     pub(crate) fn body(self) -> HostBodyRef<'a> {
