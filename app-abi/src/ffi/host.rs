@@ -80,6 +80,7 @@ impl<'a> HeadRef<'a> {
 
     /// The method's bytes, for a caller that parses them itself (no UTF-8
     /// check).
+    #[cfg(feature = "tower")]
     pub(crate) fn method_bytes(self) -> &'a [u8] {
         // SAFETY: every `Slice` of the head is valid for `'a` (see `new`).
         unsafe { self.head.method.as_bytes() }
@@ -117,6 +118,7 @@ impl<'a> HeadRef<'a> {
     }
 
     /// The headers' names and values as bytes (no UTF-8 check of the names).
+    #[cfg(feature = "tower")]
     pub(crate) fn header_bytes(self) -> impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])> {
         self.header_array().iter().map(|h| {
             // SAFETY: names and values are valid for `'a` (see `new`).

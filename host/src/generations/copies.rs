@@ -185,6 +185,15 @@ impl Pool {
         free.remove(index)
     }
 
+    /// Keeps `copy`, never mapped, for a load to come (unless the pool is
+    /// full).
+    pub fn stock(&self, copy: Copy) {
+        let mut free = self.lock();
+        if free.len() < KEPT_FREE {
+            free.push_back(copy);
+        }
+    }
+
     /// Keeps `copy`, whose generation was unmapped, for reuse.
     fn give_back(&self, copy: Copy) {
         let mut free = self.lock();

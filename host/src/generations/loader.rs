@@ -324,12 +324,8 @@ impl Loader {
                         return Ok(Prepared::Memory { copy, reused: true });
                     }
                 }
-                let memory = |error| LoadError::Memory { path: self.source.clone(), error };
-                let into = process::memfd(&name).map_err(memory)?;
-                let (hash, _) = copies::copy_hashing(&file, Some(&into), &mut buffer).map_err(memory)?;
-                check_elf(&self.source, &into)?;
-                let origin = Origin::settled(before, Origin::of(&file.metadata().map_err(unreadable)?), read_at);
-                Ok(Prepared::Memory { copy: Copy { file: into, hash, origin }, reused: false })
+                let copy = self.new_copy(&file, &name, before, read_at, &mut buffer)?;
+                Ok(Prepared::Memory { copy, reused: false })
             }
             Copies::Staging(staging) => {
                 let mut buffer = self.buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -341,6 +337,57 @@ impl Loader {
                 Ok(Prepared::Staged { path, hash })
             }
         }
+    }
+
+    /// Copies `file` (in state `before` when it was opened, read from
+    /// `read_at` on) into a new in-memory file named `name`, hashing it.
+    fn new_copy(
+        &self,
+        file: &File,
+        name: &str,
+        before: Origin,
+        read_at: SystemTime,
+        buffer: &mut Buffer,
+    ) -> Result<Copy, LoadError> {
+        let memory = |error| LoadError::Memory { path: self.source.clone(), error };
+        let into = process::memfd(name).map_err(memory)?;
+        let (hash, _) = copies::copy_hashing(file, Some(&into), buffer).map_err(memory)?;
+        check_elf(&self.source, &into)?;
+        let after = file.metadata().map_err(|error| LoadError::Unreadable { path: self.source.clone(), error })?;
+        Ok(Copy { file: into, hash, origin: Origin::settled(before, Origin::of(&after), read_at) })
+    }
+
+    /// Puts a copy of the library in the pool, on the loader's background
+    /// thread, if the pool has none: the first reload of unchanged bytes
+    /// then opens it rather than copying the file (most of that reload's
+    /// time, on the core the server is busy on). Called once the first
+    /// generation serves; later reloads of the same bytes find the copies
+    /// of the generations they retired. The spare is named for generation 0.
+    pub fn stock_spare_copy(self: &Arc<Self>) {
+        if !matches!(self.copies, Copies::Memory) || self.pool.has_free() {
+            return;
+        }
+        let this = self.clone();
+        let stocked = self.background.submit(move || match this.spare_copy() {
+            Ok(copy) => {
+                tracing::debug!(hash = %copy.hash, "spare copy of the library made");
+                this.pool.stock(copy);
+            }
+            Err(e) => tracing::debug!("no spare copy of the library: {e}"),
+        });
+        if let Err(e) = stocked {
+            tracing::debug!("no spare copy of the library: {e}");
+        }
+    }
+
+    fn spare_copy(&self) -> Result<Copy, LoadError> {
+        let file = self.open_source()?;
+        let metadata = file.metadata().map_err(|error| LoadError::Unreadable { path: self.source.clone(), error })?;
+        let read_at = SystemTime::now();
+        let load = self.loads.fetch_add(1, Ordering::Relaxed);
+        let name = copy_name(&self.source, 0, load);
+        let mut buffer = self.buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.new_copy(&file, &name, Origin::of(&metadata), read_at, &mut buffer)
     }
 
     /// Opens the prepared copy. An in-memory copy is opened through a
