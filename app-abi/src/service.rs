@@ -37,7 +37,7 @@ use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use futures_core::Stream;
@@ -183,17 +183,33 @@ where
         peer: Option<SocketAddr>,
         upgrade: bool,
     ) -> Pin<Box<dyn Future<Output = Response> + Send + 'static>> {
-        let service = self.0.clone();
+        let mut service = self.0.clone();
         if upgrade {
             return Box::pin(through_hyper(service, request, peer));
         }
-        Box::pin(async move {
-            let called = call(service, request).await.map_err(Into::into);
-            match called {
-                Ok(response) => app_response(response, false).await,
-                Err(e) => failed(e),
-            }
-        })
+        // A service that is ready at once (an axum `Router` always is) is
+        // called here, so the future boxed is its own, not one that still
+        // holds the request and moves it on. One that is not is asked again
+        // with the real waker.
+        match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Box::pin(answer(service.call(request))),
+            Poll::Ready(Err(e)) => Box::pin(std::future::ready(failed(e.into()))),
+            Poll::Pending => Box::pin(answer(call(service, request))),
+        }
+    }
+}
+
+/// The response of a called service, as the host takes it.
+async fn answer<B, E>(called: impl Future<Output = Result<http::Response<B>, E>>) -> Response
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    E: Into<BoxError>,
+{
+    match called.await.map_err(Into::into) {
+        Ok(response) => app_response(response, false).await,
+        Err(e) => failed(e),
     }
 }
 
@@ -538,5 +554,66 @@ mod in_memory {
         fn poll_frame(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
             Poll::Ready(self.get_mut().0.take().map(|bytes| Ok(Frame::data(bytes))))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::response::Body as ResponseBody;
+
+    /// A service that is not ready at its first `poll_ready` (it wakes its
+    /// caller at once), fails it when `fails`, and answers `204` otherwise.
+    #[derive(Clone)]
+    struct Slow {
+        polls: Arc<AtomicUsize>,
+        fails: bool,
+    }
+
+    impl Service<http::Request<Body>> for Slow {
+        type Response = http::Response<String>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<http::Response<String>, BoxError>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match self.fails {
+                true => Poll::Ready(Err("overloaded".into())),
+                false => Poll::Ready(Ok(())),
+            }
+        }
+
+        fn call(&mut self, _request: http::Request<Body>) -> Self::Future {
+            let mut response = http::Response::new("done".to_owned());
+            *response.status_mut() = http::StatusCode::NO_CONTENT;
+            std::future::ready(Ok(response))
+        }
+    }
+
+    async fn serve(fails: bool) -> (Response, usize) {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let service = Erased(Slow { polls: polls.clone(), fails });
+        let served = service.serve(http::Request::new(Body::empty()), None, false);
+        let response = tokio::time::timeout(std::time::Duration::from_secs(10), served).await.expect("answered");
+        (response, polls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_service_not_ready_at_once_is_asked_again_and_called() {
+        let (response, polls) = serve(false).await;
+        assert_eq!((response.status, polls), (204, 2));
+        assert!(matches!(&response.body, ResponseBody::Bytes(bytes) if bytes.as_ref() == b"done"));
+    }
+
+    #[tokio::test]
+    async fn a_service_that_fails_poll_ready_answers_500() {
+        let (response, polls) = serve(true).await;
+        assert_eq!((response.status, polls), (500, 2));
     }
 }
