@@ -561,26 +561,33 @@ mod in_memory {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::Duration;
 
     use super::*;
     use crate::response::Body as ResponseBody;
 
-    /// A service that is not ready at its first `poll_ready` (it wakes its
-    /// caller at once), fails it when `fails`, and answers `204` otherwise.
+    /// A service not ready at its first `not_ready` calls of `poll_ready`
+    /// (each wakes its caller 5 ms later, from another task), then ready, or
+    /// failing when `fails`; it answers `204` "done".
     #[derive(Clone)]
-    struct Slow {
+    struct Gated {
         polls: Arc<AtomicUsize>,
+        not_ready: usize,
         fails: bool,
     }
 
-    impl Service<http::Request<Body>> for Slow {
+    impl Service<http::Request<Body>> for Gated {
         type Response = http::Response<String>;
         type Error = BoxError;
         type Future = std::future::Ready<Result<http::Response<String>, BoxError>>;
 
         fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-            if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
-                cx.waker().wake_by_ref();
+            if self.polls.fetch_add(1, Ordering::SeqCst) < self.not_ready {
+                let waker = cx.waker().clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    waker.wake();
+                });
                 return Poll::Pending;
             }
             match self.fails {
@@ -596,24 +603,39 @@ mod tests {
         }
     }
 
-    async fn serve(fails: bool) -> (Response, usize) {
+    /// Serves one request; the response and how often `poll_ready` ran.
+    async fn serve(not_ready: usize, fails: bool) -> (Response, usize) {
         let polls = Arc::new(AtomicUsize::new(0));
-        let service = Erased(Slow { polls: polls.clone(), fails });
+        let service = Erased(Gated { polls: polls.clone(), not_ready, fails });
         let served = service.serve(http::Request::new(Body::empty()), None, false);
-        let response = tokio::time::timeout(std::time::Duration::from_secs(10), served).await.expect("answered");
+        let response = tokio::time::timeout(Duration::from_secs(10), served).await.expect("answered");
         (response, polls.load(Ordering::SeqCst))
     }
 
-    #[tokio::test]
-    async fn a_service_not_ready_at_once_is_asked_again_and_called() {
-        let (response, polls) = serve(false).await;
-        assert_eq!((response.status, polls), (204, 2));
-        assert!(matches!(&response.body, ResponseBody::Bytes(bytes) if bytes.as_ref() == b"done"));
+    fn says_done(response: &Response) -> bool {
+        matches!(&response.body, ResponseBody::Bytes(bytes) if bytes.as_ref() == b"done")
     }
 
     #[tokio::test]
-    async fn a_service_that_fails_poll_ready_answers_500() {
-        let (response, polls) = serve(true).await;
+    async fn a_service_ready_at_once_is_called_at_once() {
+        let (response, polls) = serve(0, false).await;
+        assert_eq!((response.status, polls), (204, 1));
+        assert!(says_done(&response));
+    }
+
+    /// The second `Pending` is answered to the real waker only: if it were
+    /// not kept, the request would never be answered.
+    #[tokio::test]
+    async fn a_service_not_ready_at_once_is_asked_again_when_it_wakes_its_caller() {
+        let (response, polls) = serve(2, false).await;
+        assert_eq!((response.status, polls), (204, 3));
+        assert!(says_done(&response));
+    }
+
+    #[tokio::test]
+    async fn a_service_whose_poll_ready_fails_answers_500() {
+        assert_eq!(serve(0, true).await.0.status, 500);
+        let (response, polls) = serve(1, true).await;
         assert_eq!((response.status, polls), (500, 2));
     }
 }

@@ -105,11 +105,11 @@ async fn identical_bytes_skip_the_preflight_and_changed_ones_do_not() {
     assert!(server.logs().contains("generation=9 copy=\"reused\""), "unmapped copies serve again:\n{}", server.logs());
 }
 
-/// A library that crashes in `init` is still caught after good bytes passed
-/// (the skip is by content, not by file), and the good bytes that come
-/// back afterwards are still known.
+/// A library that crashes in `init` is still caught after reloads of the
+/// good bytes skipped the preflight (the skip is by content, not by file),
+/// and the good bytes that come back afterwards are still known.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashing_init_is_caught_after_a_good_library_passed() {
+async fn a_crashing_init_is_caught_after_the_good_library_skipped_the_preflight() {
     let dir = TempDir::new("preflight-after-pass");
     let (server, library) = serve(&dir, &["--log-level", "pounce_host=debug,info"]);
     reload_until(&server, "event=\"generation_loaded\"", 1);

@@ -33,22 +33,27 @@ fn get_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> Option
 
 /// The first health answer that satisfies `ready`, asking for at most 10 s:
 /// each answer comes from one worker, which learns the service's state from
-/// the supervisor a moment after it changes.
+/// the supervisor a moment after it changes. A request that fails is asked
+/// again: a worker of a crashing generation may die with it.
 fn health_until(server: &Server, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let health = health(server);
-        if ready(&health) || Instant::now() > deadline {
-            return health;
+        match try_health(server) {
+            Ok(health) if ready(&health) || Instant::now() > deadline => return health,
+            Err(e) if Instant::now() > deadline => panic!("no health answer: {e}\n{}", server.logs()),
+            _ => std::thread::sleep(Duration::from_millis(20)),
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn health(server: &Server) -> serde_json::Value {
+    try_health(server).unwrap_or_else(|e| panic!("no health answer: {e}\n{}", server.logs()))
+}
+
+fn try_health(server: &Server) -> Result<serde_json::Value, String> {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let reply = runtime.block_on(get(server.addr, "/health")).expect("health answers");
-    serde_json::from_slice(&reply.body).expect("health is JSON")
+    let reply = runtime.block_on(get(server.addr, "/health")).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&reply.body).map_err(|e| format!("health is not JSON: {e}"))
 }
 
 /// Keep-alive clients sending `GET /` until stopped; counts what failed.

@@ -271,6 +271,17 @@ mod tests {
     }
 
     #[test]
+    fn a_stocked_spare_never_pushes_out_a_copy_already_there() {
+        let pool = Pool::default();
+        let copy = |n: u128| Copy { file: memfd("pounce-copies-test").unwrap(), hash: ContentHash(n), origin: None };
+        pool.stock(copy(1));
+        pool.stock(copy(2));
+        assert!(pool.take(ContentHash(2)).is_none(), "the pool was full");
+        assert_eq!(pool.take(ContentHash(1)).map(|c| c.hash), Some(ContentHash(1)));
+        assert!(!pool.has_free());
+    }
+
+    #[test]
     fn a_file_is_known_by_its_state_only_once_it_has_settled() {
         let file = memfd("pounce-copies-test").unwrap();
         file.write_all_at(b"bytes", 0).unwrap();

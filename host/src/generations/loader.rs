@@ -360,23 +360,25 @@ impl Loader {
     /// Puts a copy of the library in the pool, on the loader's background
     /// thread, if the pool has none: the first reload of unchanged bytes
     /// then opens it rather than copying the file (most of that reload's
-    /// time, on the core the server is busy on). Called once the first
-    /// generation serves; later reloads of the same bytes find the copies
-    /// of the generations they retired. The spare is named for generation 0.
-    pub fn stock_spare_copy(self: &Arc<Self>) {
+    /// time, on the core the server is busy on). Awaited by the reload task
+    /// before its first reload, so it never runs beside a load. Later
+    /// reloads of the same bytes find the copies of the generations they
+    /// retired. The spare is named for generation 0.
+    pub async fn stock_spare_copy(self: &Arc<Self>) {
         if !matches!(self.copies, Copies::Memory) || self.pool.has_free() {
             return;
         }
         let this = self.clone();
-        let stocked = self.background.submit(move || match this.spare_copy() {
+        let made = match self.background.run(move || this.spare_copy()) {
+            Ok(made) => made.await.unwrap_or_else(|_| Err(self.crashed())),
+            Err(e) => Err(LoadError::Thread(e)),
+        };
+        match made {
             Ok(copy) => {
                 tracing::debug!(hash = %copy.hash, "spare copy of the library made");
-                this.pool.stock(copy);
+                self.pool.stock(copy);
             }
             Err(e) => tracing::debug!("no spare copy of the library: {e}"),
-        });
-        if let Err(e) = stocked {
-            tracing::debug!("no spare copy of the library: {e}");
         }
     }
 

@@ -13,8 +13,8 @@
 //! **Bytes that passed once are not checked again.** The loader hashes
 //! every copy as it makes it (`generations::copies`); a copy whose hash is
 //! one of the [`Passed`] ones (the last [`REMEMBERED`] that passed in this
-//! process, and the bytes the server started with, which were loaded and
-//! initialised in the serving process itself, a check at least as strong)
+//! process, and the bytes the server started with, whose constructors and
+//! `init` ran in the serving process itself; only their `shutdown` did not)
 //! skips the child, logged at debug level (`preflight skipped`).
 //! A reload storm or `cargo xtask dev` reloads the same file again and
 //! again, and each preflight costs the serving core a process start, a

@@ -22,9 +22,9 @@ use crate::operations::Event;
 
 /// Starts the reload task: each `notify_one` on `requests` asks for a reload.
 /// `serving` is the hash of the bytes the server started with: they count
-/// as passed the preflight, as they were loaded and initialised in the
+/// as passed the preflight, as their constructors and `init` ran in the
 /// serving process itself (a storm of reloads of an unchanged file then
-/// runs no preflight at all).
+/// runs no preflight at all). First, the loader makes its spare copy.
 pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>, serving: Option<ContentHash>) {
     tokio::spawn(async move {
         let mut next = server.current.number() + 1;
@@ -32,6 +32,8 @@ pub fn spawn(server: Arc<Server>, loader: Arc<Loader>, requests: Arc<Notify>, se
         if let Some(hash) = serving {
             passed.insert(hash);
         }
+        // Reload requests that arrive meanwhile wait (as one) for the spare.
+        loader.stock_spare_copy().await;
         let config = Arc::new(server.config.clone());
         loop {
             requests.notified().await;

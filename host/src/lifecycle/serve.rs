@@ -117,7 +117,6 @@ pub async fn serve(config: Config, max_log_level: u32) -> Result<(), StartError>
     }
     drop(upgraded);
     sd_notify::spawn_watchdog();
-    loader.stock_spare_copy();
     reload::spawn(server.clone(), loader, reloads.clone(), first_hash);
     let mut upgrading = Upgrading::default();
     let first_stop = loop {

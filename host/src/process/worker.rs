@@ -3,8 +3,8 @@
 //! (`--workers` threads), on the listening socket it inherited.
 //!
 //! It loads the library bytes the supervisor passed (never the file on
-//! disk), says `Ready` (or why it could not load), starts accepting when
-//! the supervisor answers with the service's state, beats every
+//! disk), says `Ready` (or why it could not load), starts accepting once
+//! the supervisor's service state names its generation as current, beats every
 //! [`control::BEAT`] while its event loop runs, and then waits for one of:
 //! - `Retire` from the supervisor: stop accepting, let every connection
 //!   finish its current response (`Connection: close`), for at most
@@ -160,8 +160,10 @@ async fn beat(server: Arc<Server>, mut reports: ToSupervisor) {
 }
 
 /// Serves until the supervisor or a signal says to stop. The listeners are
-/// accepted on from the supervisor's first service state on, the answer to
-/// `Ready`: from then on every health answer carries the service's state.
+/// accepted on once a service state names this worker's generation as the
+/// current one (its publication; at once for a replacement): so, as in
+/// thread mode, no request reaches a generation before it is published, and
+/// every health answer carries the state of the service it belongs to.
 async fn serve_until_told(
     server: &Arc<Server>,
     signals: &mut Signals,
@@ -178,9 +180,12 @@ async fn serve_until_told(
             },
             order = orders.next() => match order {
                 Some(ToWorker::Service(state)) => {
+                    let published = state["generation"].as_u64() == Some(server.current.number());
                     server.reporter.set_service(state);
-                    for listener in listeners.drain(..) {
-                        tokio::spawn(listener::accept_loop(server.clone(), listener));
+                    if published {
+                        for listener in listeners.drain(..) {
+                            tokio::spawn(listener::accept_loop(server.clone(), listener));
+                        }
                     }
                 }
                 Some(ToWorker::Retire) => return retire(server, signals).await,
