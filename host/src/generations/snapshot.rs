@@ -7,7 +7,8 @@
 //! Taking a snapshot checks the file the way a load would (missing,
 //! directory, not ELF, truncated) without loading it: the supervisor never
 //! runs app code. A reload whose file holds the same bytes as the serving
-//! generation's snapshot (by their hash) reuses that snapshot, and a worker
+//! generation's snapshot reuses that snapshot (known by the file's settled
+//! state, see [`Origin`], without reading it; else by the bytes' hash), and a worker
 //! opens its snapshot as it is, without a copy of its own: it loads one
 //! library in its life, and nothing writes to a snapshot.
 
@@ -16,8 +17,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use super::copies::{self, Buffer, ContentHash};
+use super::copies::{self, Buffer, ContentHash, Origin};
 use super::loader::{check_elf, check_source, open_library, LoadError};
 use crate::ffi::identity::effective_uid;
 use crate::ffi::process::memfd;
@@ -27,6 +29,11 @@ pub struct Snapshot {
     pub source: PathBuf,
     bytes: File,
     hash: ContentHash,
+    /// The state of the file the bytes were read from, if it had settled
+    /// (see [`Origin`]): a reload that finds the file in that state reuses
+    /// the snapshot without reading the file (1.2 ms of the supervisor's CPU
+    /// for a 4 MB library, on the serving core, in every reload of a storm).
+    origin: Option<Origin>,
 }
 
 impl Snapshot {
@@ -34,13 +41,15 @@ impl Snapshot {
     /// `allow_insecure_library`) into memory, hashing it as it goes.
     pub fn take(source: &Path, generation: u64, allow_insecure_library: bool) -> Result<Snapshot, LoadError> {
         let file = Snapshot::open(source, allow_insecure_library)?;
-        Snapshot::copy(source, generation, &file, &mut Buffer::new())
+        let before = Snapshot::state(source, &file)?;
+        Snapshot::copy(source, generation, &file, before, &mut Buffer::new())
     }
 
     /// The snapshot to start generation `generation` from: `current` again
     /// if the file holds the very bytes it does (by their hash, see
     /// [`copies`]: a reload storm reloads the same file again and again),
-    /// else a new one. Nothing writes to a snapshot once it is taken and
+    /// else a new one. A file in the settled state `current` was read in is
+    /// not read again. Nothing writes to a snapshot once it is taken and
     /// each worker loads it in a process of its own, so generations may
     /// share one. Returns whether it is `current`.
     pub fn take_or_reuse(
@@ -50,13 +59,17 @@ impl Snapshot {
         current: &Arc<Snapshot>,
     ) -> Result<(Arc<Snapshot>, bool), LoadError> {
         let file = Snapshot::open(source, allow_insecure_library)?;
+        let before = Snapshot::state(source, &file)?;
+        if current.origin == Some(before) {
+            return Ok((current.clone(), true));
+        }
         let mut buffer = Buffer::new();
         let hash = copies::hash(&file, &mut buffer)
             .map_err(|error| LoadError::Unreadable { path: source.to_owned(), error })?;
         if hash == current.hash {
             return Ok((current.clone(), true));
         }
-        Ok((Arc::new(Snapshot::copy(source, generation, &file, &mut buffer)?), false))
+        Ok((Arc::new(Snapshot::copy(source, generation, &file, before, &mut buffer)?), false))
     }
 
     fn open(source: &Path, allow_insecure_library: bool) -> Result<File, LoadError> {
@@ -64,14 +77,28 @@ impl Snapshot {
         open_library(source, (!allow_insecure_library).then(effective_uid))
     }
 
-    /// Copies the open `file` (of `source`) into a new in-memory file named
-    /// for `generation` and checks the copy's ELF headers.
-    fn copy(source: &Path, generation: u64, file: &File, buffer: &mut Buffer) -> Result<Snapshot, LoadError> {
+    fn state(source: &Path, file: &File) -> Result<Origin, LoadError> {
+        let metadata = file.metadata().map_err(|error| LoadError::Unreadable { path: source.to_owned(), error })?;
+        Ok(Origin::of(&metadata))
+    }
+
+    /// Copies the open `file` (of `source`, in state `before` when it was
+    /// opened) into a new in-memory file named for `generation` and checks
+    /// the copy's ELF headers.
+    fn copy(
+        source: &Path,
+        generation: u64,
+        file: &File,
+        before: Origin,
+        buffer: &mut Buffer,
+    ) -> Result<Snapshot, LoadError> {
         let unreadable = |error| LoadError::Unreadable { path: source.to_owned(), error };
         let bytes = memfd(&format!("pounce-host-g{generation}-snapshot")).map_err(unreadable)?;
+        let read_at = SystemTime::now();
         let (hash, _) = copies::copy_hashing(file, Some(&bytes), buffer).map_err(unreadable)?;
         check_elf(source, &bytes)?;
-        Ok(Snapshot { source: source.to_owned(), bytes, hash })
+        let origin = Origin::settled(before, Snapshot::state(source, file)?, read_at);
+        Ok(Snapshot { source: source.to_owned(), bytes, hash, origin })
     }
 
     /// A new reader of the bytes, from their start.
@@ -87,6 +114,8 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
     use super::*;
 
     #[test]
@@ -98,5 +127,56 @@ mod tests {
         let refused = Snapshot::take(&text, 1, true).err().expect("refused");
         let _ = std::fs::remove_file(&text);
         assert!(refused.to_string().contains(&*text.to_string_lossy()), "{refused}");
+    }
+
+    /// An ELF file of its own in the temporary directory (a copy of this
+    /// test binary), removed on drop.
+    struct ElfFile(PathBuf);
+
+    impl ElfFile {
+        fn new(name: &str) -> ElfFile {
+            let path = std::env::temp_dir().join(format!("pounce-snapshot-{name}-{}.so", std::process::id()));
+            std::fs::copy(std::env::current_exe().unwrap(), &path).unwrap();
+            ElfFile(path)
+        }
+
+        /// Changes one byte in place: same file, same length.
+        fn change_in_place(&self) {
+            let file = std::fs::OpenOptions::new().write(true).open(&self.0).unwrap();
+            file.write_all_at(b"\x7fELF-changed", 64).unwrap();
+        }
+    }
+
+    impl Drop for ElfFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_same_bytes_reuse_the_snapshot_and_changed_bytes_never_do() {
+        let elf = ElfFile::new("fresh");
+        let first = Arc::new(Snapshot::take(&elf.0, 1, true).unwrap());
+        assert_eq!(first.origin, None, "a file changed just now identifies nothing");
+        let (again, reused) = Snapshot::take_or_reuse(&elf.0, 2, true, &first).unwrap();
+        assert!(reused && Arc::ptr_eq(&again, &first), "the same bytes, by their hash");
+        elf.change_in_place();
+        let (changed, reused) = Snapshot::take_or_reuse(&elf.0, 3, true, &first).unwrap();
+        assert!(!reused && changed.hash != first.hash);
+    }
+
+    #[test]
+    fn a_settled_file_is_known_by_its_state_until_it_changes() {
+        let elf = ElfFile::new("settled");
+        // Waits for the file to settle: its change time must be older
+        // than `SETTLED` when it is read.
+        std::thread::sleep(copies::SETTLED + std::time::Duration::from_millis(100));
+        let first = Arc::new(Snapshot::take(&elf.0, 1, true).unwrap());
+        assert!(first.origin.is_some(), "a settled file's state identifies its bytes");
+        let (again, reused) = Snapshot::take_or_reuse(&elf.0, 2, true, &first).unwrap();
+        assert!(reused && Arc::ptr_eq(&again, &first));
+        elf.change_in_place();
+        let (changed, reused) = Snapshot::take_or_reuse(&elf.0, 3, true, &first).unwrap();
+        assert!(!reused && changed.hash != first.hash, "a change in place, even within the same second, is seen");
     }
 }
