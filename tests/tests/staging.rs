@@ -46,7 +46,20 @@ async fn one_copy_mapped(server: &Server) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_and_reloads_without_a_usable_tmpdir() {
     // With copies in a staging directory under $TMPDIR, start-up failed here.
-    let server = Server::start_with_env(&sample_app(), &[], &[("TMPDIR", "/nonexistent/pounce-tmp")]);
+    serves_and_reloads_with_tmpdir("/nonexistent/pounce-tmp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_and_reloads_with_tmpdir_on_a_noexec_tmpfs() {
+    // Docker's `--tmpfs /tmp` is `noexec`: a library copied there cannot be
+    // mapped executable, so `dlopen` of a staged copy failed here.
+    let tmpfs = NoexecTmpfs::mount();
+    serves_and_reloads_with_tmpdir(tmpfs.path()).await;
+    assert_eq!(entries(Path::new(tmpfs.path())), Vec::<String>::new(), "nothing written under $TMPDIR");
+}
+
+async fn serves_and_reloads_with_tmpdir(tmpdir: &str) {
+    let server = Server::start_with_env(&sample_app(), &[], &[("TMPDIR", tmpdir)]);
     assert_eq!(version(&server).await, "Hello from sample-app (generation 1)\n");
     for generation in 2..=3 {
         reload(&server, generation);
@@ -60,6 +73,39 @@ async fn serves_and_reloads_without_a_usable_tmpdir() {
         "generation 3 is mapped from an in-memory copy: {files:?}"
     );
     assert!(!server.logs().contains("staging"), "no fallback:\n{}", server.logs());
+}
+
+/// A `noexec` tmpfs mounted on a temporary directory for the test's life
+/// (the tests run as root, as CI does: mounting needs it).
+struct NoexecTmpfs {
+    dir: TempDir,
+}
+
+impl NoexecTmpfs {
+    fn mount() -> NoexecTmpfs {
+        let dir = TempDir::new("noexec-tmpfs");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "noexec,nosuid,size=16m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a noexec tmpfs on {} needs root: {status}", dir.path().display());
+        let tmpfs = NoexecTmpfs { dir };
+        let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+        let line = mounts.lines().find(|line| line.split(' ').nth(1) == Some(tmpfs.path()));
+        assert!(line.is_some_and(|line| line.contains("noexec")), "{:?} is not noexec: {line:?}", tmpfs.path());
+        tmpfs
+    }
+
+    fn path(&self) -> &str {
+        self.dir.path().to_str().expect("a UTF-8 temporary path")
+    }
+}
+
+impl Drop for NoexecTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
 }
 
 #[test]

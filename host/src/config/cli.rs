@@ -55,7 +55,7 @@ pub struct WorkerArgs {
     /// The supervisor's pid: a worker whose parent is not it exits.
     #[arg(long)]
     pub supervisor: u32,
-    /// What the listening sockets passed from descriptor 5 on serve, in
+    /// What the listening sockets passed from descriptor 6 on serve, in
     /// order: `app` or `admin`.
     #[arg(long, value_delimiter = ',')]
     pub listeners: Vec<String>,

@@ -460,6 +460,11 @@ impl RequestBody {
 }
 
 /// `HostVTable::body_poll`: the app reads the request body.
+///
+/// # Safety
+/// `body` is the `HostBody` of a request whose app future is still alive,
+/// `waker` is valid for the call, and `out` points to a writable `Slice`
+/// (the ABI's contract for `body_poll`).
 unsafe extern "C" fn body_poll(body: *mut HostBody, waker: *const FfiWaker, out: *mut Slice) -> u32 {
     let request = body as *mut PendingRequest;
     // SAFETY: `head.body` is the request's `PendingRequest`, alive until the

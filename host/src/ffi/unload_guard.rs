@@ -508,6 +508,10 @@ pub unsafe extern "C" fn pthread_key_delete(key: libc::pthread_key_t) -> c_int {
 }
 
 /// Runs at thread exit in place of an app's destructor.
+///
+/// # Safety
+/// Called only by glibc's thread-exit key destructors, with `deferred` a
+/// pointer made by `Box::into_raw` of a `Deferred` in this module, once.
 unsafe extern "C" fn run_deferred(deferred: *mut c_void) {
     // SAFETY: `deferred` is the box made by the interposer, passed once.
     let deferred = unsafe { Box::from_raw(deferred as *mut Deferred) };
