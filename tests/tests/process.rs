@@ -207,6 +207,38 @@ fn each_kind_of_crash_costs_only_the_dead_workers_connections() {
 }
 
 #[test]
+fn a_crash_loop_backs_off_while_the_other_worker_serves() {
+    let server =
+        Server::start(&sample_app(), &args(&["--workers", "1", "--max-restarts", "1", "--restart-window", "60s"]));
+    // A worker that exits with status 0 unasked is a crash too: replaced at once.
+    fault(&server, "/fault/exit?code=0");
+    assert!(server.wait_for_log("exited with status 0", Duration::from_secs(10)), "{}", server.logs());
+    let replaced = server.wait_for_log_count("event=\"worker_ready\"", 3, Duration::from_secs(10));
+    assert!(replaced, "no replacement after the first crash:\n{}", server.logs());
+    assert!(!server.logs().contains("crash loop"), "one restart is within --max-restarts 1:\n{}", server.logs());
+
+    // The second restart within the window is one too many: the next waits 1 s.
+    fault(&server, "/fault/segfault");
+    let looped = "crash loop: 2 worker restarts within 1m; next restart in 1s";
+    assert!(server.wait_for_log(looped, Duration::from_secs(10)), "no {looped:?}:\n{}", server.logs());
+    let backing_off = Instant::now();
+    assert!(answers_within(&server, Duration::from_secs(1)).is_some(), "the other worker serves meanwhile");
+    let health = health_until(&server, |h| h["service"]["crash_loop"] == true);
+    assert_eq!(health["service"]["crash_loop"], true, "{health}");
+    let replaced = server.wait_for_log_count("event=\"worker_ready\"", 4, Duration::from_secs(10));
+    let waited = backing_off.elapsed();
+    assert!(replaced, "no replacement after the back-off:\n{}", server.logs());
+    assert!(waited >= Duration::from_millis(700), "restarted after {waited:?}, not after the 1 s back-off");
+
+    // Another crash within the window doubles the wait.
+    fault(&server, "/fault/segfault");
+    let doubled = "next restart in 2s";
+    assert!(server.wait_for_log(doubled, Duration::from_secs(10)), "no {doubled:?}:\n{}", server.logs());
+    assert!(server.wait_for_log_count("event=\"worker_ready\"", 5, Duration::from_secs(10)), "{}", server.logs());
+    assert!(answers_within(&server, Duration::from_secs(5)).is_some(), "the service answers");
+}
+
+#[test]
 fn a_crash_in_the_new_librarys_constructor_or_init_keeps_the_old_generation_serving() {
     let dir = TempDir::new("process-bad-deploy");
     let library = deployed(&dir);
