@@ -173,6 +173,19 @@ fn answers_within(server: &Server, timeout: Duration) -> Option<Duration> {
     None
 }
 
+/// The worker `pid` answers a health request on a fresh connection within
+/// `limit` (the kernel gives each new connection to one of the workers).
+fn replacement_serves_within(server: &Server, pid: u32, limit: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if try_health(server).is_ok_and(|health| health["pid"] == pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
 fn fault(server: &Server, route: &str) {
     let outcome = get_within(server.addr, route, Duration::from_secs(5));
     assert!(!matches!(outcome, Some(Ok(ref reply)) if reply.status == 200), "{route} did not crash: {outcome:?}");
@@ -192,10 +205,14 @@ fn each_kind_of_crash_costs_only_the_dead_workers_connections() {
     for (n, (route, how)) in crashes.iter().enumerate() {
         fault(&server, route);
         assert!(server.wait_for_log(how, Duration::from_secs(10)), "{route}: no crash logged:\n{}", server.logs());
+        let crashed = Instant::now();
         // Two workers at start, one replacement per crash.
         let replaced = server.wait_for_log_count("event=\"worker_ready\"", 3 + n, Duration::from_secs(5));
         assert!(replaced, "{route}: no replacement:\n{}", server.logs());
-        assert!(answers_within(&server, Duration::from_secs(1)).is_some(), "{route}: service did not answer");
+        let replacement = *worker_pids(&server).last().expect("a worker_ready pid");
+        let serving = replacement_serves_within(&server, replacement, Duration::from_secs(1));
+        assert!(serving, "{route}: replacement {replacement} not serving a second after the crash was seen");
+        println!("{route}: replacement {replacement} serving {:?} after the crash was seen", crashed.elapsed());
         assert!(load.wait_for_progress(20, Duration::from_secs(10)), "{route}: load stalled");
     }
     let (ok, failed) = load.finish();
