@@ -42,6 +42,8 @@ struct SampleApp {
     /// `--app-arg drain_delay_ms=N`: `drain` blocks N ms (an app whose
     /// drain hangs).
     drain_delay: Duration,
+    /// `--app-arg shutdown_delay_ms=N`: `shutdown` blocks N ms.
+    shutdown_delay: Duration,
     /// `--app-arg faults=on`: the `/fault/...` routes misbehave.
     faults: bool,
 }
@@ -50,7 +52,8 @@ impl App for SampleApp {
     /// Test knobs: `--app-arg fail_init=panic` makes init panic and any other
     /// value makes it fail; `--app-arg init_delay_ms=N` makes init take N ms
     /// (to send a signal in the middle of a reload); `--app-arg
-    /// drain_delay_ms=N` makes `drain` block N ms; `--app-arg
+    /// drain_delay_ms=N` makes `drain` block N ms, `--app-arg
+    /// shutdown_delay_ms=N` makes `shutdown` block N ms; `--app-arg
     /// detached_thread=yes` starts a thread that outlives the generation
     /// (named `sample-detached`, it never ends), as a careless app would.
     fn init(ctx: &InitContext) -> Result<Self, InitError> {
@@ -76,12 +79,9 @@ impl App for SampleApp {
         }
         tracing::info!(greeting = GREETING, "sample-app ready");
         let faults = ctx.setting("faults") == Some("on");
-        let drain_delay = match ctx.setting("drain_delay_ms").map(str::parse::<u64>) {
-            Some(Ok(ms)) => Duration::from_millis(ms.min(MAX_WAIT_MS)),
-            Some(Err(_)) => return Err("drain_delay_ms is not a number of milliseconds".into()),
-            None => Duration::ZERO,
-        };
-        Ok(SampleApp { generation: ctx.generation(), drain: ctx.drain_signal(), drain_delay, faults })
+        let drain_delay = delay_setting(ctx, "drain_delay_ms")?;
+        let shutdown_delay = delay_setting(ctx, "shutdown_delay_ms")?;
+        Ok(SampleApp { generation: ctx.generation(), drain: ctx.drain_signal(), drain_delay, shutdown_delay, faults })
     }
 
     async fn handle(&self, req: Request<'_>) -> Response {
@@ -115,6 +115,22 @@ impl App for SampleApp {
     fn drain(&self) {
         tracing::info!(generation = self.generation, "sample-app draining");
         std::thread::sleep(self.drain_delay);
+    }
+
+    fn shutdown(&self) {
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(generation = self.generation, ms = self.shutdown_delay.as_millis(), "shutdown blocks");
+            std::thread::sleep(self.shutdown_delay);
+        }
+    }
+}
+
+/// `--app-arg NAME=N`, a number of milliseconds (at most [`MAX_WAIT_MS`]), or zero.
+fn delay_setting(ctx: &InitContext, name: &str) -> Result<Duration, InitError> {
+    match ctx.setting(name).map(str::parse::<u64>) {
+        Some(Ok(ms)) => Ok(Duration::from_millis(ms.min(MAX_WAIT_MS))),
+        Some(Err(_)) => Err(format!("{name} is not a number of milliseconds").into()),
+        None => Ok(Duration::ZERO),
     }
 }
 

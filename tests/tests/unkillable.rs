@@ -1,6 +1,6 @@
 //! App code that blocks must never make pounce-host unkillable: an `init`
-//! that hangs at start-up or under `check`, a `drain` that never returns,
-//! every worker thread blocked in a handler.
+//! that hangs at start-up or under `check`, a `drain` or `shutdown` that
+//! never returns, every worker thread blocked in a handler.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,6 +81,39 @@ fn a_drain_that_never_returns_does_not_hold_the_shutdown() {
     let started = Instant::now();
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(20)).expect("exits although drain blocks");
+    assert_eq!(status.code(), Some(0), "{}", server.logs());
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn the_apps_shutdown_runs_at_exit_and_one_that_never_returns_does_not_hold_it() {
+    let args = ["--app-arg", "shutdown_delay_ms=600000", "--shutdown-timeout", "1s"];
+    let mut server = Server::start(&sample_app(), &args);
+    let started = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(20)).expect("exits although shutdown blocks");
+    assert_eq!(status.code(), Some(0), "{}", server.logs());
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    let logs = server.logs();
+    // The stall watchdog once held the server, and with it the serving
+    // generation: its app's `shutdown` never ran at exit.
+    assert!(logs.contains("shutdown blocks generation=1"), "the app's shutdown ran:\n{logs}");
+    assert!(logs.contains("an app's shutdown did not finish in time; exiting without waiting for it"), "{logs}");
+}
+
+#[test]
+fn a_shutdown_that_never_returns_after_a_reload_is_reported_and_serving_goes_on() {
+    let args = ["--app-arg", "shutdown_delay_ms=600000", "--shutdown-timeout", "1s", "--stall-warning", "200ms"];
+    let mut server = Server::start(&sample_app(), &args);
+    server.signal(libc::SIGHUP);
+    let stalled = "app shutdown of generation 1 has been running for";
+    assert!(server.wait_for_log(stalled, Duration::from_secs(10)), "no {stalled:?}:\n{}", server.logs());
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let reply = runtime.block_on(get(server.addr, "/version")).expect("GET /version");
+    assert_eq!(reply.text(), "Hello from sample-app (generation 2)\n");
+    let started = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(20)).expect("exits although two shutdowns block");
     assert_eq!(status.code(), Some(0), "{}", server.logs());
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }

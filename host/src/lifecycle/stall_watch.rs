@@ -13,14 +13,18 @@ use crate::operations::Event;
 /// How often the watchdog looks: a stall is reported at most this late.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Starts the watchdog, unless `--stall-warning off`.
+/// Starts the watchdog, unless `--stall-warning off`. It holds the server
+/// weakly and ends with it: a strong reference would keep the serving
+/// generation alive past the runtime, and its app's `shutdown` would never
+/// run at exit.
 pub fn spawn(server: &Arc<Server>) {
     let Some(limit) = server.config.stall_warning else { return };
-    let server = server.clone();
+    let server = Arc::downgrade(server);
     let spawned = std::thread::Builder::new().name("pounce-stall-watch".to_owned()).spawn(move || {
         let mut stalls = Stalls::default();
         loop {
             std::thread::sleep(TICK);
+            let Some(server) = server.upgrade() else { return };
             for stall in stalls.scan(limit) {
                 server.reporter.emit(Event::AppCallStalled {
                     kind: stall.kind.name(),
