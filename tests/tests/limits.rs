@@ -1,6 +1,6 @@
 //! Bounded resources: the connection limit, running out of file
-//! descriptors, clients that stop reading, HTTP/2 stream limits, and metric
-//! series that do not grow with every reload.
+//! descriptors, clients that stop reading, HTTP/2 stream limits and
+//! keep-alive PINGs, and metric series that do not grow with every reload.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -247,6 +247,74 @@ async fn http2_clients_are_told_the_stream_limit() {
     assert_eq!(h2_max_concurrent_streams(default.addr).await, Some(200));
     let (version, reply) = pounce_tests::get_h2(limited.addr, "/").await.unwrap();
     assert_eq!((version, reply.status), (http::Version::HTTP_2, 200));
+}
+
+/// What a raw HTTP/2 client saw of the server's keep-alive PINGs: when the
+/// first came, and when the server closed the connection (`None`: still
+/// open after `watch`).
+struct PingWatch {
+    first_ping: Option<Duration>,
+    closed: Option<Duration>,
+}
+
+/// Opens an HTTP/2 connection that makes no request and watches it for
+/// `watch`, answering the server's PINGs or not.
+async fn watch_pings(addr: SocketAddr, answer: bool, watch: Duration) -> PingWatch {
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const ACK: u8 = 0x1;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    // The client preface, then an empty SETTINGS frame.
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let mut seen = PingWatch { first_ping: None, closed: None };
+    let frames = async {
+        loop {
+            let mut head = [0u8; 9];
+            if stream.read_exact(&mut head).await.is_err() {
+                return; // closed
+            }
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let mut payload = vec![0u8; length];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            if kind == SETTINGS && flags & ACK == 0 {
+                stream.write_all(&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0]).await.unwrap();
+            }
+            if kind == PING && flags & ACK == 0 {
+                seen.first_ping.get_or_insert(started.elapsed());
+                if answer {
+                    let mut pong = vec![0, 0, 8, PING, ACK, 0, 0, 0, 0];
+                    pong.extend_from_slice(&payload);
+                    stream.write_all(&pong).await.unwrap();
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(watch, frames).await.is_ok() {
+        seen.closed = Some(started.elapsed());
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_answering_pings_is_disconnected() {
+    let server = Server::start(&sample_app(), &["--h2-keep-alive", "1s"]);
+    let watch = Duration::from_secs(6);
+    let (silent, answering) =
+        tokio::join!(watch_pings(server.addr, false, watch), watch_pings(server.addr, true, watch));
+    let first = silent.first_ping.expect("the server PINGs an idle HTTP/2 connection");
+    assert!(first <= Duration::from_secs(3), "first PING after {first:?}, with --h2-keep-alive 1s");
+    let closed = silent.closed.expect("a client that does not answer PINGs is disconnected");
+    assert!(closed > first && closed <= Duration::from_secs(5), "PING at {first:?}, closed at {closed:?}");
+    assert!(answering.first_ping.is_some(), "the answering client was PINGed too");
+    assert_eq!(answering.closed, None, "a client that answers stays connected");
+    // Without PINGs, an idle HTTP/2 connection sees none.
+    let quiet = Server::start(&sample_app(), &["--h2-keep-alive", "off"]);
+    let unpinged = watch_pings(quiet.addr, false, Duration::from_secs(3)).await;
+    assert_eq!((unpinged.first_ping, unpinged.closed), (None, None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -189,6 +189,13 @@ pub struct ServeArgs {
     #[arg(long, env = "POUNCE_H2_MAX_CONCURRENT_STREAMS", value_name = "N")]
     pub h2_max_concurrent_streams: Option<u32>,
 
+    /// How often an HTTP/2 connection PINGs its client, and how long the
+    /// client then has to answer before the connection is closed: a client
+    /// that vanished without closing its connection does not hold it (and
+    /// its generation). `off` sends no PINGs. Default: 20s.
+    #[arg(long, env = "POUNCE_H2_KEEP_ALIVE", value_name = "DURATION", value_parser = parse_timeout_or_off)]
+    pub h2_keep_alive: Option<TimeoutOrOff>,
+
     /// Path of the built-in health endpoint, or `off` to disable it.
     /// Default: /health.
     #[arg(long, env = "POUNCE_HEALTH_PATH", value_name = "PATH")]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Top-level keys of the config file, listed in the unknown-key error.
 /// `library` is not among them: only the command line chooses which code
 /// runs.
-pub const FILE_KEYS: [&str; 39] = [
+pub const FILE_KEYS: [&str; 40] = [
     "host",
     "port",
     "uds",
@@ -28,6 +28,7 @@ pub const FILE_KEYS: [&str; 39] = [
     "max_body_size",
     "max_header_size",
     "h2_max_concurrent_streams",
+    "h2_keep_alive",
     "health_path",
     "log_format",
     "log_level",

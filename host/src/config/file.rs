@@ -58,6 +58,7 @@ fn read(path: &Path) -> Result<Layer, ConfigError> {
             "h2_max_concurrent_streams" => {
                 put(&mut layer.h2_max_concurrent_streams, integer_in(value, &H2_MAX_CONCURRENT_STREAMS))
             }
+            "h2_keep_alive" => put(&mut layer.h2_keep_alive, timeout_or_off(value)),
             "health_path" => put(&mut layer.health_path, text_of(value).and_then(check_health_path)),
             "log_format" => put(&mut layer.log_format, choice(value)),
             "log_level" => put(&mut layer.log_level, text_of(value).and_then(check_log_level)),

@@ -41,6 +41,8 @@ pub struct Layer {
     pub max_header_size: Option<usize>,
     pub h2_max_concurrent_streams: Option<u32>,
     /// `Some(None)` means explicitly turned off.
+    pub h2_keep_alive: Option<Option<Duration>>,
+    /// `Some(None)` means explicitly turned off.
     pub health_path: Option<Option<String>>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
@@ -89,6 +91,7 @@ impl Layer {
             h2_max_concurrent_streams: flag("h2_max_concurrent_streams", args.h2_max_concurrent_streams, |n| {
                 in_range(n, &H2_MAX_CONCURRENT_STREAMS)
             })?,
+            h2_keep_alive: flag("h2_keep_alive", args.h2_keep_alive, check_timeout_or_off)?,
             health_path: flag("health_path", args.health_path, check_health_path)?,
             log_format: args.log_format,
             log_level: flag("log_level", args.log_level, check_log_level)?,

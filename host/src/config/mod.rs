@@ -40,6 +40,7 @@ const DEFAULT_STALL_WARNING: Duration = Duration::from_secs(1);
 const DEFAULT_MAX_BODY_SIZE: u64 = 1 << 20;
 const DEFAULT_MAX_HEADER_SIZE: usize = 64 << 10;
 const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 200;
+const DEFAULT_H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 const DEFAULT_HEALTH_PATH: &str = "/health";
 const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,6 +82,8 @@ pub struct Config {
     pub max_body_size: u64,
     pub max_header_size: usize,
     pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive PING interval and answer timeout; `None`: no PINGs.
+    pub h2_keep_alive: Option<Duration>,
     /// `None` when the health endpoint is turned off.
     pub health_path: Option<String>,
     pub log_format: LogFormat,
@@ -210,6 +213,7 @@ fn merge(library: PathBuf, flags: Layer, file: Layer) -> Result<Config, ConfigEr
             .h2_max_concurrent_streams
             .or(file.h2_max_concurrent_streams)
             .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
+        h2_keep_alive: flags.h2_keep_alive.or(file.h2_keep_alive).unwrap_or(Some(DEFAULT_H2_KEEP_ALIVE)),
         health_path: flags.health_path.or(file.health_path).unwrap_or_else(|| Some(DEFAULT_HEALTH_PATH.to_owned())),
         log_format: flags.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
         log_level: flags.log_level.or(file.log_level).unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
@@ -352,6 +356,7 @@ mod tests {
         assert_eq!(config.max_body_size, 1 << 20);
         assert_eq!(config.max_header_size, 64 << 10);
         assert_eq!(config.h2_max_concurrent_streams, 200);
+        assert_eq!(config.h2_keep_alive, Some(Duration::from_secs(20)));
         assert_eq!(config.health_path.as_deref(), Some("/health"));
         assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(config.log_level, "info");
@@ -384,6 +389,7 @@ mod tests {
             "--max-body-size=0",
             "--max-header-size=8KiB",
             "--h2-max-concurrent-streams=5",
+            "--h2-keep-alive=off",
             "--health-path=off",
             "--log-format=json",
             "--log-level=pounce_host=debug,warn",
@@ -412,6 +418,7 @@ mod tests {
         assert_eq!(config.max_body_size, 0);
         assert_eq!(config.max_header_size, 8192);
         assert_eq!(config.h2_max_concurrent_streams, 5);
+        assert_eq!(config.h2_keep_alive, None);
         assert_eq!(config.health_path, None);
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level, "pounce_host=debug,warn");
@@ -462,6 +469,7 @@ mod tests {
             max_body_size = "4MiB"
             max_header_size = 16384
             h2_max_concurrent_streams = 64
+            h2_keep_alive = "5s"
             health_path = "/healthz"
             log_format = "json"
             log_level = "debug"
@@ -496,6 +504,7 @@ mod tests {
         assert_eq!(config.max_body_size, 4 << 20);
         assert_eq!(config.max_header_size, 16384);
         assert_eq!(config.h2_max_concurrent_streams, 64);
+        assert_eq!(config.h2_keep_alive, Some(Duration::from_secs(5)));
         assert_eq!(config.health_path.as_deref(), Some("/healthz"));
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level, "debug");
@@ -740,6 +749,7 @@ mod tests {
             max_body_size = 1
             max_header_size = "8KiB"
             h2_max_concurrent_streams = 1
+            h2_keep_alive = "off"
             health_path = "/"
             log_format = "text"
             log_level = "warn"

@@ -3,7 +3,6 @@
 //! and takes the health snapshot that needs all of them.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -60,11 +59,6 @@ impl Server {
     }
 }
 
-/// How often an HTTP/2 connection PINGs its client to check it is still
-/// there...
-const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
-/// ...and how long the client has to answer before the connection is closed.
-const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Streams an HTTP/2 client may make the server reset (malformed requests
 /// and the like) before it gets GOAWAY: hyper's default, pinned here so a
 /// dependency update cannot silently lift it (RUSTSEC-2024-0003).
@@ -73,7 +67,8 @@ const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// hyper's own header-read timer is off: it would arm a timer for every
 /// request, and `connection` enforces `header_timeout` without one. HTTP/2
 /// gets a timer for its keep-alive PINGs (one per connection, not per
-/// request). Rapid reset (CVE-2023-44487): hyper's default limit on streams
+/// request): every `--h2-keep-alive`, and the client has as long again to
+/// answer. Rapid reset (CVE-2023-44487): hyper's default limit on streams
 /// a client resets before they are answered (`max_pending_accept_reset_streams`,
 /// h2's 20) stays in force.
 fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
@@ -85,7 +80,9 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(config.h2_max_concurrent_streams)
         .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
         .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+        .keep_alive_interval(config.h2_keep_alive);
+    if let Some(timeout) = config.h2_keep_alive {
+        builder.http2().keep_alive_timeout(timeout);
+    }
     builder
 }
