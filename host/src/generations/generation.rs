@@ -47,6 +47,7 @@ pub struct Generation {
 
 impl Generation {
     pub fn new(number: u64, app: LoadedApp, unload_timeout: Duration, copy: Option<Lent>) -> Generation {
+        unload::made();
         Generation {
             number,
             app: Some(app),

@@ -15,7 +15,7 @@
 //! `shutdown`s run side by side, and one that hangs holds up no other); the
 //! process waits for them, bounded.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,6 +27,16 @@ use crate::ffi::{priority, LoadedApp, Unloaded};
 
 /// Set once the process is exiting (see [`begin_exit`]).
 static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Generations made and not yet handed to [`release`]: at exit, their last
+/// leases may still be dropping on other threads (a drain thread, the stall
+/// watchdog), and [`wait_for_unloads`] waits for them.
+static UNRELEASED: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a new generation (see [`UNRELEASED`]); [`release`] uncounts it.
+pub(super) fn made() {
+    UNRELEASED.fetch_add(1, Ordering::SeqCst);
+}
 
 /// From now on, released generations run their app's `shutdown` but are not
 /// unmapped: the host's worker threads are exiting and may still run their
@@ -64,9 +74,14 @@ fn queue() -> &'static Background {
     QUEUE.get_or_init(|| Background::new("pounce-unload", priority::lower_this_thread, STUCK_AFTER))
 }
 
-/// Moves `app` (generation `number`) to the unload thread.
+/// Moves `app` (generation `number`) to the unload thread. It is counted
+/// out only once it is there, so [`wait_for_unloads`] sees it either way.
 pub(super) fn release(number: u64, app: LoadedApp, timeout: Duration, copy: Option<Lent>) {
-    let release = Release { number, app, timeout, copy };
+    hand_over(Release { number, app, timeout, copy });
+    UNRELEASED.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn hand_over(release: Release) {
     if EXITING.load(Ordering::SeqCst) {
         return release_for_exit(release);
     }
@@ -172,6 +187,12 @@ fn exits() -> std::sync::MutexGuard<'static, Vec<JoinHandle<()>>> {
 /// runs before the process ends), but not past `deadline`: an app whose
 /// shutdown hangs must not keep the process alive.
 pub fn wait_for_unloads(deadline: Instant) {
+    while UNRELEASED.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if UNRELEASED.load(Ordering::SeqCst) > 0 {
+        tracing::warn!("a generation was still in use at exit; exiting without its app's shutdown");
+    }
     let queued = lock_pending().scheduled;
     if queued && !queue().wait_idle(deadline) {
         tracing::warn!("an app's shutdown did not finish in time; exiting without waiting for it");
