@@ -211,22 +211,31 @@ async fn slow_readers_and_slow_streams_are_not_cut_by_send_timeout() {
     assert_eq!(server.count_logs("send_timeout"), 0, "{}", server.logs());
 }
 
+/// An HTTP/2 client's first bytes: the preface, then an empty SETTINGS frame.
+const H2_CLIENT_START: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const ACK: u8 = 0x1;
+
+/// The next HTTP/2 frame's type, flags and payload; `None` once the
+/// connection is closed.
+async fn read_frame(stream: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.ok()?;
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], payload))
+}
+
 /// The server's SETTINGS_MAX_CONCURRENT_STREAMS, read from its first
 /// SETTINGS frame (`None` if it does not send the setting).
 async fn h2_max_concurrent_streams(addr: SocketAddr) -> Option<u32> {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    // The client preface, then an empty SETTINGS frame.
-    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    stream.write_all(H2_CLIENT_START).await.unwrap();
     let read = async {
         loop {
-            let mut head = [0u8; 9];
-            stream.read_exact(&mut head).await.unwrap();
-            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let (kind, flags) = (head[3], head[4]);
-            let mut payload = vec![0u8; length];
-            stream.read_exact(&mut payload).await.unwrap();
-            const SETTINGS: u8 = 0x4;
-            const ACK: u8 = 0x1;
+            let (kind, flags, payload) = read_frame(&mut stream).await.expect("the connection stays open");
             if kind == SETTINGS && flags & ACK == 0 {
                 return payload.chunks_exact(6).find_map(|setting| {
                     let id = u16::from_be_bytes([setting[0], setting[1]]);
@@ -260,26 +269,12 @@ struct PingWatch {
 /// Opens an HTTP/2 connection that makes no request and watches it for
 /// `watch`, answering the server's PINGs or not.
 async fn watch_pings(addr: SocketAddr, answer: bool, watch: Duration) -> PingWatch {
-    const SETTINGS: u8 = 0x4;
-    const PING: u8 = 0x6;
-    const ACK: u8 = 0x1;
     let started = Instant::now();
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    // The client preface, then an empty SETTINGS frame.
-    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    stream.write_all(H2_CLIENT_START).await.unwrap();
     let mut seen = PingWatch { first_ping: None, closed: None };
     let frames = async {
-        loop {
-            let mut head = [0u8; 9];
-            if stream.read_exact(&mut head).await.is_err() {
-                return; // closed
-            }
-            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let (kind, flags) = (head[3], head[4]);
-            let mut payload = vec![0u8; length];
-            if stream.read_exact(&mut payload).await.is_err() {
-                return;
-            }
+        while let Some((kind, flags, payload)) = read_frame(&mut stream).await {
             if kind == SETTINGS && flags & ACK == 0 {
                 stream.write_all(&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0]).await.unwrap();
             }

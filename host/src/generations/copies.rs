@@ -147,6 +147,18 @@ impl Origin {
         }
     }
 
+    /// The state of the open `file` now.
+    pub fn of_file(file: &File) -> io::Result<Origin> {
+        Ok(Origin::of(&file.metadata()?))
+    }
+
+    /// `before` if the open `file`, whose bytes were just read from
+    /// `read_at` on, had settled (see [`Origin::settled`]): its state now is
+    /// the state after the read.
+    pub fn settled_after(before: Origin, file: &File, read_at: std::time::SystemTime) -> io::Result<Option<Origin>> {
+        Ok(Origin::settled(before, Origin::of_file(file)?, read_at))
+    }
+
     /// `before`, the state of a file before its bytes were read, if it had
     /// settled: unchanged after the read (`after`), and last changed at
     /// least [`SETTLED`] before the read began (`read_at`, wall clock).

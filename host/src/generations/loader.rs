@@ -310,7 +310,7 @@ impl Loader {
         match &self.copies {
             Copies::Memory => {
                 let unreadable = |error| LoadError::Unreadable { path: self.source.clone(), error };
-                let before = Origin::of(&file.metadata().map_err(unreadable)?);
+                let before = Origin::of_file(&file).map_err(unreadable)?;
                 if let Some(copy) = self.pool.take_by_origin(before) {
                     return Ok(Prepared::Memory { copy, reused: true });
                 }
@@ -319,8 +319,7 @@ impl Loader {
                 if self.pool.has_free() {
                     let hash = copies::hash(&file, &mut buffer).map_err(unreadable)?;
                     if let Some(mut copy) = self.pool.take(hash) {
-                        copy.origin =
-                            Origin::settled(before, Origin::of(&file.metadata().map_err(unreadable)?), read_at);
+                        copy.origin = Origin::settled_after(before, &file, read_at).map_err(unreadable)?;
                         return Ok(Prepared::Memory { copy, reused: true });
                     }
                 }
@@ -353,8 +352,9 @@ impl Loader {
         let into = process::memfd(name).map_err(memory)?;
         let (hash, _) = copies::copy_hashing(file, Some(&into), buffer).map_err(memory)?;
         check_elf(&self.source, &into)?;
-        let after = file.metadata().map_err(|error| LoadError::Unreadable { path: self.source.clone(), error })?;
-        Ok(Copy { file: into, hash, origin: Origin::settled(before, Origin::of(&after), read_at) })
+        let origin = Origin::settled_after(before, file, read_at)
+            .map_err(|error| LoadError::Unreadable { path: self.source.clone(), error })?;
+        Ok(Copy { file: into, hash, origin })
     }
 
     /// Puts a copy of the library in the pool, on the loader's background

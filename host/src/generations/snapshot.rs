@@ -44,7 +44,8 @@ impl Snapshot {
     /// `allow_insecure_library`) into memory, hashing it as it goes.
     pub fn take(source: &Path, generation: u64, allow_insecure_library: bool) -> Result<Snapshot, LoadError> {
         let file = Snapshot::open(source, allow_insecure_library)?;
-        let before = Snapshot::state(source, &file)?;
+        let before =
+            Origin::of_file(&file).map_err(|error| LoadError::Unreadable { path: source.to_owned(), error })?;
         Snapshot::copy(source, generation, &file, before, &mut Buffer::new())
     }
 
@@ -61,17 +62,17 @@ impl Snapshot {
         allow_insecure_library: bool,
         current: &Arc<Snapshot>,
     ) -> Result<(Arc<Snapshot>, bool), LoadError> {
+        let unreadable = |error| LoadError::Unreadable { path: source.to_owned(), error };
         let file = Snapshot::open(source, allow_insecure_library)?;
-        let before = Snapshot::state(source, &file)?;
+        let before = Origin::of_file(&file).map_err(unreadable)?;
         if current.origin.get() == Some(&before) {
             return Ok((current.clone(), true));
         }
         let mut buffer = Buffer::new();
         let read_at = SystemTime::now();
-        let hash = copies::hash(&file, &mut buffer)
-            .map_err(|error| LoadError::Unreadable { path: source.to_owned(), error })?;
+        let hash = copies::hash(&file, &mut buffer).map_err(unreadable)?;
         if hash == current.hash {
-            if let Some(settled) = Origin::settled(before, Snapshot::state(source, &file)?, read_at) {
+            if let Some(settled) = Origin::settled_after(before, &file, read_at).map_err(unreadable)? {
                 let _ = current.origin.set(settled);
             }
             return Ok((current.clone(), true));
@@ -82,11 +83,6 @@ impl Snapshot {
     fn open(source: &Path, allow_insecure_library: bool) -> Result<File, LoadError> {
         check_source(source)?;
         open_library(source, (!allow_insecure_library).then(effective_uid))
-    }
-
-    fn state(source: &Path, file: &File) -> Result<Origin, LoadError> {
-        let metadata = file.metadata().map_err(|error| LoadError::Unreadable { path: source.to_owned(), error })?;
-        Ok(Origin::of(&metadata))
     }
 
     /// Copies the open `file` (of `source`, in state `before` when it was
@@ -105,7 +101,7 @@ impl Snapshot {
         let (hash, _) = copies::copy_hashing(file, Some(&bytes), buffer).map_err(unreadable)?;
         check_elf(source, &bytes)?;
         let origin = OnceLock::new();
-        if let Some(settled) = Origin::settled(before, Snapshot::state(source, file)?, read_at) {
+        if let Some(settled) = Origin::settled_after(before, file, read_at).map_err(unreadable)? {
             let _ = origin.set(settled);
         }
         Ok(Snapshot { source: source.to_owned(), bytes, hash, origin })
